@@ -1,0 +1,170 @@
+//! The FUSE backend: one `cachedriver fuse` server process per session.
+//!
+//! The server daemonizes and the command returns once the mount is ready, so a mount costs one
+//! process start (well inside Podman's 5-second limit). Each session has its own process, so a
+//! plugin restart or one crashed mount harms no other; the server's pid is recorded in the
+//! session so Unmount can wait for it to finish before the upper dir is committed.
+
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{unmount_path, Backend, BackendKind, MountSpec, Mounted};
+use crate::error::{Error, Result};
+
+/// How long a FUSE server may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long to wait for a server to exit after its unmount.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// cachedriver-fuse, run as `<exe> fuse -o ... MOUNTPOINT`.
+#[derive(Debug)]
+pub struct Fuse {
+    exe: PathBuf,
+}
+
+impl Fuse {
+    /// A FUSE backend serving mounts with `exe fuse ...`.
+    pub fn new(exe: PathBuf) -> Self {
+        Fuse { exe }
+    }
+}
+
+fn check_path(p: &Path) -> Result<&str> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| Error::Backend(format!("path {} is not UTF-8", p.display())))?;
+    if s.contains([',', ':', '\\']) {
+        return Err(Error::Backend(format!(
+            "fuse mount: path {s} contains ',', ':' or '\\', which mount options cannot express; choose another --root"
+        )));
+    }
+    Ok(s)
+}
+
+/// True while `pid` runs. A zombie counts as gone (and is reaped if it is ours, as when the
+/// plugin is pid 1 of the managed plugin's container and inherits the orphaned servers).
+fn alive(pid: i32) -> bool {
+    let p = nix::unistd::Pid::from_raw(pid);
+    if nix::sys::signal::kill(p, None).is_err() {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if state == Some('Z') {
+        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        return false;
+    }
+    true
+}
+
+impl Backend for Fuse {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Fuse
+    }
+
+    fn mount(&self, spec: &MountSpec<'_>) -> Result<Mounted> {
+        let lowers = spec
+            .lowers
+            .iter()
+            .map(|l| check_path(l))
+            .collect::<Result<Vec<_>>>()?
+            .join(":");
+        let opts = format!(
+            "lowerdir={lowers},upperdir={},workdir={},xattr={},pidfile={}",
+            check_path(spec.upper)?,
+            check_path(spec.work)?,
+            spec.xattr.as_str(),
+            check_path(spec.pid_file)?,
+        );
+        let _ = std::fs::remove_file(spec.pid_file);
+        // stderr goes to an anonymous file, not a pipe: the daemon inherits it and would keep a
+        // pipe open forever.
+        let mut errf =
+            tempfile::tempfile().map_err(|e| Error::io("creating temp file", "/tmp", e))?;
+        let err_for_child = errf
+            .try_clone()
+            .map_err(|e| Error::io("duplicating fd", "/tmp", e))?;
+        let mut child = Command::new(&self.exe)
+            .arg("fuse")
+            .arg("-o")
+            .arg(&opts)
+            .arg(spec.target)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err_for_child)
+            .spawn()
+            .map_err(|e| Error::io("starting the FUSE server", &self.exe, e))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let _ = unmount_path(spec.target);
+                    return Err(Error::Backend(format!(
+                        "fuse mount at {}: the server did not come up within {:?}",
+                        spec.target.display(),
+                        START_TIMEOUT
+                    )));
+                }
+                Err(e) => return Err(Error::io("waiting for the FUSE server", &self.exe, e)),
+            }
+        };
+        if !status.success() {
+            let mut msg = String::new();
+            let _ = errf.rewind();
+            let _ = errf.read_to_string(&mut msg);
+            return Err(Error::Backend(format!(
+                "fuse mount at {}: {}",
+                spec.target.display(),
+                msg.trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("the FUSE server failed")
+            )));
+        }
+        let pid = std::fs::read_to_string(spec.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        Ok(Mounted { pid })
+    }
+
+    fn unmount(&self, target: &Path, pid: Option<i32>) -> Result<()> {
+        if let Err(e) = unmount_path(target) {
+            // Without CAP_SYS_ADMIN over this mount, fusermount3 may still be allowed.
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(target)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                return Err(e);
+            }
+        }
+        if let Some(pid) = pid {
+            // The server must have finished every request before the upper dir is renamed.
+            let deadline = Instant::now() + EXIT_TIMEOUT;
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if alive(pid) {
+                tracing::warn!(pid, "FUSE server still running after unmount");
+            }
+        }
+        Ok(())
+    }
+
+    fn is_mounted(&self, target: &Path) -> bool {
+        crate::fsutil::mount_fstype(target).is_some_and(|t| t.starts_with("fuse"))
+    }
+}

@@ -1,0 +1,231 @@
+//! Small filesystem helpers shared by the store and the backends: crash-safe writes, directory
+//! fsync, tree walks that never follow symlinks, mount table lookups.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::error::{IoContext, Result};
+
+/// Fsyncs a directory so that a rename or create inside it survives power loss.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).ctx("opening directory for fsync", dir)?;
+    f.sync_all().ctx("fsyncing directory", dir)
+}
+
+/// Writes `data` to `path` atomically: temp file in the same dir, fsync, rename, fsync dir.
+/// A crash leaves either the old or the new content, never a mix.
+pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .ctx("creating temp file", &tmp)?;
+        f.write_all(data).ctx("writing temp file", &tmp)?;
+        fail::fail_point!("atomic_write::before_fsync", |_| Err(
+            crate::error::Error::io("failpoint", &tmp, std::io::Error::other("failpoint"))
+        ));
+        f.sync_all().ctx("fsyncing temp file", &tmp)?;
+    }
+    fail::fail_point!("atomic_write::before_rename", |_| Err(
+        crate::error::Error::io("failpoint", &tmp, std::io::Error::other("failpoint"))
+    ));
+    fs::rename(&tmp, path).ctx("renaming temp file into place", path)?;
+    fsync_dir(dir)
+}
+
+/// Creates a directory and its parents, fsyncing each new directory's parent.
+pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_all_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(crate::error::Error::io("creating directory", dir, e)),
+    }
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Flushes the whole filesystem holding `path` (the container's writes to an upper dir are not
+/// fsynced by anyone else; this makes them durable before the commit names them).
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = File::open(path).ctx("opening for syncfs", path)?;
+    nix::unistd::syncfs(&f).ctx("syncfs", path)
+}
+
+/// True when `dir` has no entries.
+pub fn dir_is_empty(dir: &Path) -> Result<bool> {
+    Ok(fs::read_dir(dir)
+        .ctx("reading directory", dir)?
+        .next()
+        .is_none())
+}
+
+/// Removes a tree if it exists. `std::fs::remove_dir_all` never follows symlinks (it opens with
+/// `O_NOFOLLOW` and works relative to directory fds), which matters for container-written dirs.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(crate::error::Error::io("inspecting", path, e)),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).ctx("removing directory tree", path),
+        Ok(_) => fs::remove_file(path).ctx("removing file", path),
+    }
+}
+
+/// Sums the allocated size and entry count of a tree, without following symlinks or crossing
+/// into other filesystems.
+pub fn tree_usage(path: &Path) -> (u64, u64) {
+    fn walk(p: &Path, dev: u64, acc: &mut (u64, u64)) {
+        let Ok(rd) = fs::read_dir(p) else { return };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            acc.0 += m.blocks() * 512;
+            acc.1 += 1;
+            if m.is_dir() && m.dev() == dev {
+                walk(&e.path(), dev, acc);
+            }
+        }
+    }
+    let mut acc = (0, 0);
+    if let Ok(m) = fs::symlink_metadata(path) {
+        if m.is_dir() {
+            walk(path, m.dev(), &mut acc);
+        }
+    }
+    acc
+}
+
+/// True when this process runs in a user namespace (its uid map is not the full identity map),
+/// as under rootless Docker or Podman. Overlay then needs `userxattr` and `user.` markers.
+pub fn in_user_namespace() -> bool {
+    match fs::read_to_string("/proc/self/uid_map") {
+        Ok(m) => {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            f != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    }
+}
+
+/// Decodes the octal escapes (`\040`) the kernel uses in /proc/self/mountinfo.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(oct, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The filesystem type mounted at exactly `path`, if `path` is a mount point in our namespace.
+pub fn mount_fstype(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    let mut found = None;
+    for line in info.lines() {
+        let mut parts = line.split(" - ");
+        let (Some(pre), Some(post)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(mp) = pre.split(' ').nth(4) else {
+            continue;
+        };
+        if unescape_mountinfo(mp) == want {
+            // The last matching line is the top of the stack.
+            found = post.split(' ').next().map(str::to_string);
+        }
+    }
+    found
+}
+
+/// Current time as RFC 3339 UTC (`2026-11-25T02:16:34Z`), for state files and `docker volume inspect`.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.json");
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn root_is_mounted() {
+        assert!(mount_fstype(Path::new("/")).is_some());
+    }
+}

@@ -1,0 +1,138 @@
+//! `cachedriver probe`: which backends work here, and why.
+//!
+//! Each backend is tried for real: a throw-away overlay of one lower layer is mounted under the
+//! store root, read through, written (copy-up) and unmounted. `auto` picks the kernel when it
+//! works, FUSE otherwise.
+
+use std::fmt;
+use std::fs;
+use std::path::Path;
+
+use crate::backend::{self, BackendChoice, BackendKind, MountSpec};
+use crate::state::XattrNs;
+
+/// The outcome of probing both backends.
+#[derive(Debug)]
+pub struct Report {
+    /// Running inside a user namespace (rootless).
+    pub userns: bool,
+    /// The xattr namespace in use.
+    pub xattr: XattrNs,
+    /// `Ok` or why the kernel overlay failed.
+    pub kernel: Result<(), String>,
+    /// `Ok` or why the FUSE mount failed.
+    pub fuse: Result<(), String>,
+}
+
+impl Report {
+    /// The backend `choice` resolves to, or why none can be used.
+    pub fn pick(&self, choice: BackendChoice) -> Result<BackendKind, String> {
+        let why = |r: &Result<(), String>| r.clone().err().unwrap_or_default();
+        match choice {
+            BackendChoice::Kernel => self
+                .kernel
+                .clone()
+                .map(|()| BackendKind::Kernel)
+                .map_err(|e| format!("--backend kernel: {e}")),
+            BackendChoice::Fuse => self
+                .fuse
+                .clone()
+                .map(|()| BackendKind::Fuse)
+                .map_err(|e| format!("--backend fuse: {e}")),
+            BackendChoice::Auto => match (&self.kernel, &self.fuse) {
+                (Ok(()), _) => Ok(BackendKind::Kernel),
+                (Err(_), Ok(())) => Ok(BackendKind::Fuse),
+                (k, f) => Err(format!(
+                    "no backend works here: kernel overlayfs: {}; FUSE: {}",
+                    why(k),
+                    why(f)
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |r: &Result<(), String>| match r {
+            Ok(()) => "works".to_string(),
+            Err(e) => format!("fails: {e}"),
+        };
+        writeln!(
+            f,
+            "user namespace: {} (overlay markers use {}.overlay.*{})",
+            if self.userns { "yes" } else { "no" },
+            self.xattr.as_str(),
+            if self.userns {
+                ", kernel mounts need userxattr"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(f, "kernel overlayfs: {}", show(&self.kernel))?;
+        writeln!(f, "fuse (cachedriver-fuse): {}", show(&self.fuse))?;
+        match self.pick(BackendChoice::Auto) {
+            Ok(k) => writeln!(f, "auto picks: {}", k.as_str()),
+            Err(e) => writeln!(f, "auto picks: nothing ({e})"),
+        }
+    }
+}
+
+fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Result<(), String> {
+    if kind == BackendKind::Fuse && !Path::new("/dev/fuse").exists() {
+        return Err(
+            "/dev/fuse is missing (load the fuse module or pass --device /dev/fuse)".into(),
+        );
+    }
+    fs::create_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix(".probe-")
+        .tempdir_in(root)
+        .map_err(|e| format!("creating a probe dir under {}: {e}", root.display()))?;
+    let d = dir.path();
+    let (lower, upper, work, target) = (d.join("l"), d.join("u"), d.join("w"), d.join("m"));
+    for p in [&lower, &upper, &work, &target] {
+        fs::create_dir(p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+    }
+    fs::write(lower.join("f"), b"probe").map_err(|e| format!("writing probe file: {e}"))?;
+    let b = backend::for_kind(kind, exe);
+    let spec = MountSpec {
+        lowers: vec![lower.clone()],
+        upper: &upper,
+        work: &work,
+        target: &target,
+        xattr,
+        pid_file: &d.join("pid"),
+    };
+    let mounted = b.mount(&spec).map_err(|e| e.to_string())?;
+    let check = (|| {
+        let got =
+            fs::read(target.join("f")).map_err(|e| format!("reading through the mount: {e}"))?;
+        if got != b"probe" {
+            return Err("reading through the mount gave the wrong content".to_string());
+        }
+        fs::write(target.join("f"), b"changed").map_err(|e| format!("copy-up write: {e}"))?;
+        Ok(())
+    })();
+    let un = b.unmount(&target, mounted.pid).map_err(|e| e.to_string());
+    check?;
+    un?;
+    if fs::read(upper.join("f")).ok().as_deref() != Some(b"changed".as_slice()) {
+        return Err("the write did not reach the upper dir".into());
+    }
+    if fs::read(lower.join("f")).ok().as_deref() != Some(b"probe".as_slice()) {
+        return Err("the write changed the lower layer".into());
+    }
+    Ok(())
+}
+
+/// Probes both backends under `root`; `exe` serves FUSE mounts.
+pub fn probe(root: &Path, exe: &Path) -> Report {
+    let xattr = XattrNs::for_this_process();
+    Report {
+        userns: crate::fsutil::in_user_namespace(),
+        xattr,
+        kernel: try_backend(BackendKind::Kernel, root, exe, xattr),
+        fuse: try_backend(BackendKind::Fuse, root, exe, xattr),
+    }
+}

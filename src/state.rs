@@ -1,0 +1,229 @@
+//! `cache-state.json`: which layer is a cache's latest snapshot, and the layer chain.
+//!
+//! The seed project wrote only `{"state":{"latest":"three"}}` with full-copy snapshot dirs; we keep
+//! that key so its tooling still reads our caches, and add `layers` (each layer's parent) and
+//! `format`. A layer missing from `layers` has no parent, so a seed cache reads as a one-layer chain.
+//! Unknown keys are preserved on rewrite.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::names::is_valid_layer;
+
+/// The format version we write.
+pub const FORMAT: u32 = 2;
+
+/// The kernel refuses more lower layers than this in one overlay mount.
+pub const MAX_CHAIN: usize = 500;
+
+/// Which xattr namespace a store's overlay markers (opaque dirs) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XattrNs {
+    /// `trusted.overlay.*`: real root.
+    Trusted,
+    /// `user.overlay.*`: inside a user namespace (`userxattr`).
+    User,
+}
+
+impl XattrNs {
+    /// The namespace this process can use: `user` inside a user namespace, else `trusted`.
+    pub fn for_this_process() -> Self {
+        if crate::fsutil::in_user_namespace() {
+            XattrNs::User
+        } else {
+            XattrNs::Trusted
+        }
+    }
+
+    /// The option value (`trusted` or `user`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XattrNs::Trusted => "trusted",
+            XattrNs::User => "user",
+        }
+    }
+}
+
+/// `state` object: the seed's key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Latest {
+    /// Name of the layer at the top of the latest snapshot.
+    pub latest: String,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// One layer's record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct LayerInfo {
+    /// The layer below this one; `None` for a bottom layer.
+    pub parent: Option<String>,
+    /// When it was committed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_at: Option<String>,
+    /// The volume whose session produced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// The whole `cache-state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheState {
+    /// The seed's `state.latest`.
+    pub state: Latest,
+    /// Every layer we know, by name.
+    #[serde(default)]
+    pub layers: BTreeMap<String, LayerInfo>,
+    /// 2 for layered caches; absent (0) in the seed's files.
+    #[serde(default)]
+    pub format: u32,
+    /// The xattr namespace the layers' overlay markers use; absent in the seed's files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xattr: Option<XattrNs>,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl CacheState {
+    /// A fresh cache whose only layer is the empty `0`.
+    pub fn new(xattr: XattrNs) -> Self {
+        let mut layers = BTreeMap::new();
+        layers.insert("0".to_string(), LayerInfo::default());
+        CacheState {
+            state: Latest {
+                latest: "0".to_string(),
+                extra: BTreeMap::new(),
+            },
+            layers,
+            format: FORMAT,
+            xattr: Some(xattr),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Parses and checks a state file: every layer name must be a valid path component.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let s: CacheState = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Corrupt(format!("cache-state.json does not parse: {e}")))?;
+        let names = std::iter::once(&s.state.latest)
+            .chain(s.layers.keys())
+            .chain(s.layers.values().filter_map(|l| l.parent.as_ref()));
+        for n in names {
+            if !is_valid_layer(n) {
+                return Err(Error::Corrupt(format!(
+                    "cache-state.json names layer {n:?}, which is not a valid layer name"
+                )));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Serialises for writing (pretty, stable key order).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// The chain of layers from `top` down, newest first.
+    pub fn chain(&self, top: &str) -> Result<Vec<String>> {
+        let mut out = vec![top.to_string()];
+        let mut cur = top;
+        while let Some(parent) = self.layers.get(cur).and_then(|l| l.parent.as_deref()) {
+            if out.iter().any(|l| l == parent) {
+                return Err(Error::Corrupt(format!("layer chain loops at {parent:?}")));
+            }
+            if out.len() >= MAX_CHAIN {
+                return Err(Error::Corrupt(format!(
+                    "layer chain from {top:?} is deeper than the kernel's {MAX_CHAIN} layers; run `cachedriver compact`"
+                )));
+            }
+            out.push(parent.to_string());
+            cur = parent;
+        }
+        Ok(out)
+    }
+
+    /// The chain of the latest snapshot, newest first.
+    pub fn latest_chain(&self) -> Result<Vec<String>> {
+        self.chain(&self.state.latest)
+    }
+
+    /// A layer name derived from `id` that no layer uses yet (`id`, `id.1`, `id.2`, ...).
+    pub fn unique_layer_name(&self, id: &str, exists_on_disk: impl Fn(&str) -> bool) -> String {
+        let taken =
+            |n: &str| self.layers.contains_key(n) || self.state.latest == n || exists_on_disk(n);
+        if !taken(id) {
+            return id.to_string();
+        }
+        (1u64..)
+            .map(|i| format!("{id}.{i}"))
+            .find(|n| n.len() <= crate::names::MAX_NAME_LEN + 12 && !taken(n))
+            .unwrap_or_else(|| format!("{id}.{}", std::process::id()))
+    }
+
+    /// Records a new layer on top of `parent` and makes it the latest.
+    pub fn push_layer(&mut self, name: &str, parent: &str, session: &str) {
+        self.layers.insert(
+            name.to_string(),
+            LayerInfo {
+                parent: Some(parent.to_string()),
+                committed_at: Some(crate::fsutil::now_rfc3339()),
+                session: Some(session.to_string()),
+                extra: BTreeMap::new(),
+            },
+        );
+        // A seed cache's layers are not in `layers` yet; record them so the chain is explicit.
+        self.layers.entry(parent.to_string()).or_default();
+        self.state.latest = name.to_string();
+        self.format = FORMAT;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_state_is_a_one_layer_chain() {
+        let s = CacheState::parse(br#"{"state":{"latest":"three"},"other":1}"#).unwrap();
+        assert_eq!(s.latest_chain().unwrap(), vec!["three"]);
+        let out = String::from_utf8(s.to_bytes()).unwrap();
+        assert!(out.contains("\"other\": 1"), "unknown keys kept: {out}");
+    }
+
+    #[test]
+    fn chain_and_push() {
+        let mut s = CacheState::new(XattrNs::Trusted);
+        s.push_layer("one", "0", "foo-one");
+        s.push_layer("two", "0", "foo-two");
+        s.push_layer("three", "one", "foo-three");
+        assert_eq!(s.latest_chain().unwrap(), vec!["three", "one", "0"]);
+        assert_eq!(s.unique_layer_name("one", |_| false), "one.1");
+        assert_eq!(s.unique_layer_name("four", |n| n == "four"), "four.1");
+        let back = CacheState::parse(&s.to_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert!(String::from_utf8(s.to_bytes())
+            .unwrap()
+            .contains("\"latest\": \"three\""));
+    }
+
+    #[test]
+    fn refuses_hostile_names_and_loops() {
+        assert!(CacheState::parse(br#"{"state":{"latest":"../../etc"}}"#).is_err());
+        assert!(
+            CacheState::parse(br#"{"state":{"latest":"a"},"layers":{"a":{"parent":"/x"}}}"#)
+                .is_err()
+        );
+        let s = CacheState::parse(
+            br#"{"state":{"latest":"a"},"layers":{"a":{"parent":"b"},"b":{"parent":"a"}}}"#,
+        )
+        .unwrap();
+        assert!(s.latest_chain().is_err());
+    }
+}
