@@ -150,9 +150,12 @@ fn kernel_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> String {
             w.display()
         ));
     }
-    opts.push_str(",index=off,redirect_dir=off,metacopy=off");
+    // With `userxattr` the kernel (6.18) refuses `redirect_dir=off` (EINVAL: "conflicting options");
+    // `nofollow` means the same for us: no redirects are created (dir renames get EXDEV) or followed.
     if in_userns() {
-        opts.push_str(",userxattr");
+        opts.push_str(",index=off,redirect_dir=nofollow,metacopy=off,userxattr");
+    } else {
+        opts.push_str(",index=off,redirect_dir=off,metacopy=off");
     }
     opts
 }
@@ -189,7 +192,7 @@ fn fuse_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> String {
 fn fs_type(p: &Path) -> Option<i64> {
     nix::sys::statfs::statfs(p)
         .ok()
-        .map(|s| s.filesystem_type().0 as i64)
+        .map(|s| s.filesystem_type().0)
 }
 
 fn wait_for_fs_type(
