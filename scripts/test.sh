@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian host, as root: installs what it needs (docker.io, podman,
+# fuse3, fuse-overlayfs, busybox-static), then runs unit, integration, conformance (kernel and
+# FUSE backends) and end-to-end tests against a real dockerd the tests start themselves.
+# Set CACHEDRIVER_REQUIRE_ALL=1 (CI=true does) to turn every "cannot run here" skip into a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh: the tests mount filesystems and start dockerd: run as root (sudo $0)" >&2
+  exit 1
+fi
+bash scripts/install-deps.sh
+if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then
+  export CACHEDRIVER_REQUIRE_ALL=1
+fi
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
