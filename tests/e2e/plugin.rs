@@ -1,0 +1,242 @@
+//! The plugin under test, run as a legacy Docker plugin: `cachedriver serve` with its socket at
+//! `/run/docker/plugins/<NAME>.sock`, where dockerd discovers it by name (`--volume-driver NAME`).
+//!
+//! Every instance gets a unique NAME (`cdt<harness pid><tag>`) so it can never clash with a real
+//! install or with another run of the suite.
+
+use super::daemon::http_over_unix;
+use super::util::{self, CmdOut};
+use anyhow::{bail, Context, Result};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where dockerd looks for legacy plugin sockets (fixed in moby, independent of `--exec-root`).
+pub const PLUGIN_SOCKET_DIR: &str = "/run/docker/plugins";
+/// How long the plugin may take to answer `/Plugin.Activate`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which union filesystem the plugin uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Kernel,
+    Fuse,
+}
+
+impl Backend {
+    /// The `--backend` value (also what `docker volume inspect` should report).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Kernel => "kernel",
+            Backend::Fuse => "fuse",
+        }
+    }
+}
+
+/// The plugin binary built by cargo for this test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_cachedriver")
+}
+
+/// A running `cachedriver serve`.
+pub struct Plugin {
+    /// Docker's name for the driver (`--volume-driver`).
+    pub name: String,
+    /// `--root`.
+    pub root: PathBuf,
+    /// Its unix socket.
+    pub sock: PathBuf,
+    pub backend: Backend,
+    /// Driver-wide `--commit` default, if any.
+    pub commit: Option<String>,
+    /// stdout+stderr of every start of this instance (appended).
+    pub log: PathBuf,
+    child: Option<Child>,
+    pidfile: PathBuf,
+}
+
+impl Plugin {
+    /// Starts `cachedriver serve` named `name`, with its root and log below `dir`.
+    pub fn start(dir: &Path, name: &str, backend: Backend, commit: Option<&str>) -> Result<Plugin> {
+        fs::create_dir_all(dir)?;
+        fs::create_dir_all(PLUGIN_SOCKET_DIR)
+            .with_context(|| format!("creating {PLUGIN_SOCKET_DIR}"))?;
+        let mut p = Plugin {
+            name: name.to_string(),
+            root: dir.join("root"),
+            sock: Path::new(PLUGIN_SOCKET_DIR).join(format!("{name}.sock")),
+            backend,
+            commit: commit.map(str::to_string),
+            log: dir.join("plugin.log"),
+            child: None,
+            pidfile: dir.join("plugin.pid"),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let _ = fs::remove_file(&self.sock);
+        let mut logf = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--socket")
+            .arg(&self.sock)
+            .arg("--backend")
+            .arg(self.backend.as_str());
+        if let Some(c) = &self.commit {
+            cmd.arg("--commit").arg(c);
+        }
+        for var in [
+            "CACHEDRIVER_ROOT",
+            "CACHEDRIVER_SOCKET",
+            "CACHEDRIVER_BACKEND",
+            "CACHEDRIVER_COMMIT",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("CACHEDRIVER_E2E_RUST_LOG").unwrap_or_else(|_| "debug".into()),
+        )
+        .env("RUST_BACKTRACE", "1");
+        writeln!(
+            logf,
+            "===== e2e: starting {} =====",
+            util::describe_command(&cmd)
+        )?;
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", binary()))?;
+        fs::write(&self.pidfile, child.id().to_string())?;
+        self.child = Some(child);
+        if let Err(e) = self.wait_ready() {
+            let t = self.log_tail(30);
+            self.stop();
+            bail!(
+                "plugin {} did not become ready: {e:#}\n--- plugin log tail ({}) ---\n{t}",
+                self.name,
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let start = Instant::now();
+        let mut last;
+        loop {
+            util::check_interrupted();
+            if let Some(child) = self.child.as_mut() {
+                if let Some(st) = child.try_wait()? {
+                    bail!("cachedriver serve exited during startup with {st}");
+                }
+            }
+            if self.sock.exists() {
+                match http_over_unix(&self.sock, "POST", "/Plugin.Activate", "{}") {
+                    Ok(resp) if resp.contains("VolumeDriver") => return Ok(()),
+                    Ok(resp) => last = format!("unexpected /Plugin.Activate answer: {resp}"),
+                    Err(e) => last = format!("connecting: {e}"),
+                }
+            } else {
+                last = format!("no socket at {}", self.sock.display());
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                bail!("not ready within {READY_TIMEOUT:?}: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL after 20 s) and removes its socket.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(st) = util::terminate_child(&mut child, Duration::from_secs(20)) {
+                if !st.success() {
+                    let _ = OpenOptions::new()
+                        .append(true)
+                        .open(&self.log)
+                        .and_then(|mut f| writeln!(f, "===== e2e: plugin exited with {st} ====="));
+                }
+            }
+        }
+        let _ = fs::remove_file(&self.sock);
+        let _ = fs::remove_file(&self.pidfile);
+    }
+
+    /// Stops and starts the same instance (same name, root, socket and options).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The last lines of the plugin's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        util::tail(&self.log, n)
+    }
+
+    /// `cachedriver ls --root ROOT`.
+    pub fn ls(&self) -> Result<CmdOut> {
+        util::run(
+            Command::new(binary())
+                .arg("ls")
+                .arg("--root")
+                .arg(&self.root),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// `lower/<cache>/cache-state.json`, parsed.
+    pub fn cache_state(&self, cache: &str) -> Result<serde_json::Value> {
+        let p = self.root.join("lower").join(cache).join("cache-state.json");
+        let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}: {text}", p.display()))
+    }
+
+    /// `state.latest` of a cache.
+    pub fn latest(&self, cache: &str) -> Result<String> {
+        let st = self.cache_state(cache)?;
+        st.pointer("/state/latest")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .with_context(|| format!("no string state.latest in cache-state.json of {cache}: {st}"))
+    }
+
+    /// `merged/<cache>/<id>`: a session's mountpoint.
+    pub fn merged(&self, cache: &str, id: &str) -> PathBuf {
+        self.root.join("merged").join(cache).join(id)
+    }
+
+    /// Waits until the session's merged view is no longer mounted (its last Unmount was handled).
+    pub fn wait_session_ended(&self, cache: &str, id: &str) -> Result<()> {
+        let m = self.merged(cache, id);
+        util::wait_for(
+            Duration::from_secs(20),
+            &format!("{} to be unmounted", m.display()),
+            || (!util::is_mountpoint(&m)).then_some(()),
+        )
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
