@@ -1,0 +1,1081 @@
+//! The `fuser::Filesystem` implementation: maps FUSE requests onto the union logic, manages
+//! file and directory handles, and negotiates the kernel features that make it fast
+//! (passthrough, readdirplus, long cache TTLs, parallel dirops).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::inode::{lock, rlock, Backing, Inode};
+use crate::layers::{self, Layers};
+use crate::options::Passthrough;
+use crate::sys::{self, errno};
+use crate::union::{Target, Union};
+use crate::whiteout;
+
+fn to_errno(e: io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn systime(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec.clamp(0, 999_999_999) as u32)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0)
+            + Duration::new(0, nsec.clamp(0, 999_999_999) as u32)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dtype_to_type(d: u8) -> FileType {
+    match d {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Builds a FUSE attr from a real stat, with our node id as st_ino.
+fn make_attr(ino: u64, st: &libc::stat, merged_dir: bool) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: systime(st.st_atime, st.st_atime_nsec),
+        mtime: systime(st.st_mtime, st.st_mtime_nsec),
+        ctime: systime(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        // A merged dir's real link count says nothing about its merged subdirs; 1 tells find(1)
+        // not to use the leaf optimisation.
+        nlink: if merged_dir { 1 } else { st.st_nlink as u32 },
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+/// A snapshot of a merged directory listing, taken at opendir (and at rewind).
+struct DirHandle {
+    entries: Mutex<Arc<Vec<(std::ffi::OsString, FileType)>>>,
+    fresh: AtomicBool,
+}
+
+/// The mounted filesystem.
+pub struct UnionFs {
+    u: Union,
+    ttl: Duration,
+    passthrough: AtomicBool,
+    passthrough_mode: Passthrough,
+    stack_depth: u32,
+    backings: Mutex<HashMap<u64, Arc<Backing>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+}
+
+/// How an open file is served.
+enum OpenMode {
+    Passthrough(Arc<Backing>),
+    Cached,
+    Direct,
+}
+
+impl UnionFs {
+    /// A filesystem over the opened layers.
+    pub fn new(layers: Layers, ttl: Duration, passthrough: Passthrough, userns: bool) -> UnionFs {
+        // FUSE passthrough needs CAP_SYS_ADMIN in the init namespace: inside a user namespace
+        // the kernel refuses every backing file, so do not even ask.
+        let want_pt = match passthrough {
+            Passthrough::Off => false,
+            Passthrough::Auto => !userns,
+            Passthrough::On => true,
+        };
+        let mut stack_depth = 1;
+        for r in &layers.roots {
+            // SAFETY: statfs is plain old data.
+            let mut sf: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: valid fd and out pointer.
+            if unsafe { libc::fstatfs(r.as_raw_fd(), &mut sf) } == 0 {
+                let t = sf.f_type as i64;
+                if t == 0x794c7630 || t == 0x65735546 || t == 0x9123683E_u32 as i64 {
+                    stack_depth = 2;
+                }
+            }
+        }
+        UnionFs {
+            u: Union::new(layers),
+            ttl,
+            passthrough: AtomicBool::new(want_pt),
+            passthrough_mode: passthrough,
+            stack_depth,
+            backings: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
+        let st = match fh {
+            Some(fh) if !inode.is_dir() && fh.0 > 2 && fh.0 < i32::MAX as u64 => {
+                sys::fstat(fh.0 as RawFd)?
+            }
+            _ => self.u.target(inode)?.0.stat()?,
+        };
+        let merged = inode.is_dir() && lock(&inode.state).stack.len() > 1;
+        Ok(make_attr(inode.ino, &st, merged))
+    }
+
+    /// lookup: resolve, intern (counting a lookup), and return the attr.
+    fn do_lookup(&self, parent: u64, name: &OsStr) -> io::Result<Option<FileAttr>> {
+        let p = self.u.inode(parent)?;
+        if !p.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let Some(r) = self.u.resolve(&p, name)? else {
+            return Ok(None);
+        };
+        let inode = self.u.intern(&p, name, &r);
+        Ok(Some(make_attr(inode.ino, &r.st, r.stack.len() > 1)))
+    }
+
+    fn reply_entry(&self, res: io::Result<Option<FileAttr>>, reply: ReplyEntry) {
+        match res {
+            Ok(Some(attr)) => reply.entry(&self.ttl, &attr, Generation(0)),
+            Ok(None) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn snapshot(&self, inode: &Inode) -> io::Result<Vec<(std::ffi::OsString, FileType)>> {
+        let stack = self.u.stack(inode)?;
+        let mut fds = Vec::with_capacity(stack.len());
+        for li in stack {
+            let fd = self.u.dir_fd(inode, li)?;
+            fds.push(sys::reopen_dir(fd.as_raw_fd())?);
+        }
+        let mut out = vec![
+            (".".into(), FileType::Directory),
+            ("..".into(), FileType::Directory),
+        ];
+        out.extend(
+            layers::merged_listing(fds)?
+                .into_iter()
+                .map(|e| (e.name, dtype_to_type(e.dtype))),
+        );
+        Ok(out)
+    }
+
+    fn dir_entries(
+        &self,
+        ino: u64,
+        fh: FileHandle,
+        offset: u64,
+    ) -> io::Result<Arc<Vec<(std::ffi::OsString, FileType)>>> {
+        let h = lock(&self.dirs)
+            .get(&fh.0)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))?;
+        if offset == 0 && !h.fresh.swap(false, Ordering::SeqCst) {
+            // rewinddir(3): show the directory as it is now.
+            let inode = self.u.inode(ino)?;
+            let snap = Arc::new(self.snapshot(&inode)?);
+            *lock(&h.entries) = snap.clone();
+            return Ok(snap);
+        }
+        h.fresh.store(false, Ordering::SeqCst);
+        let e = lock(&h.entries).clone();
+        Ok(e)
+    }
+
+    /// Opens the real file for an open(2) of `inode`, copying it up first when writing.
+    fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> io::Result<OwnedFd> {
+        let acc = flags & libc::O_ACCMODE;
+        let trunc = flags & libc::O_TRUNC != 0;
+        if acc != libc::O_RDONLY || trunc {
+            if !self.u.layers.has_upper {
+                return Err(errno(libc::EROFS));
+            }
+            self.u.copy_up(inode, !trunc)?;
+        }
+        let (t, _) = self.u.target(inode)?;
+        let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
+        t.open(oflags)
+    }
+
+    /// Decides passthrough / page cache / direct I/O for an open file.
+    fn open_mode(
+        &self,
+        inode: &Inode,
+        fd: &OwnedFd,
+        writable: bool,
+        open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
+    ) -> OpenMode {
+        if inode.kind != libc::S_IFREG || !self.passthrough.load(Ordering::Relaxed) {
+            return self.cached_mode(inode);
+        }
+        let real = match sys::fstat(fd.as_raw_fd()) {
+            Ok(st) => (st.st_dev, st.st_ino),
+            Err(_) => return OpenMode::Direct,
+        };
+        let mut slot = lock(&inode.backing);
+        if let Some(b) = slot.upgrade() {
+            if b.real == real {
+                if writable {
+                    lock(&inode.state).pt_written = true;
+                }
+                return OpenMode::Passthrough(b);
+            }
+            // The kernel allows one backing file per inode; a copied-up file opened while the
+            // lower one is still open is served by us, uncached.
+            return OpenMode::Direct;
+        }
+        match open_backing(fd) {
+            Ok(id) => {
+                let b = Arc::new(Backing { id, real });
+                *slot = Arc::downgrade(&b);
+                if writable {
+                    lock(&inode.state).pt_written = true;
+                }
+                OpenMode::Passthrough(b)
+            }
+            Err(e) => {
+                self.passthrough.store(false, Ordering::Relaxed);
+                if self.passthrough_mode == Passthrough::On {
+                    tracing::error!(
+                        "FUSE passthrough refused by the kernel ({e}); serving I/O ourselves"
+                    );
+                } else {
+                    tracing::info!("FUSE passthrough unavailable ({e}); serving I/O ourselves");
+                }
+                drop(slot);
+                self.cached_mode(inode)
+            }
+        }
+    }
+
+    fn cached_mode(&self, inode: &Inode) -> OpenMode {
+        if lock(&inode.backing).upgrade().is_some() {
+            return OpenMode::Direct;
+        }
+        OpenMode::Cached
+    }
+
+    fn cached_flags(&self, inode: &Inode) -> FopenFlags {
+        let mut st = lock(&inode.state);
+        if st.pt_written {
+            // Written through passthrough: cached pages may be stale, let the kernel drop them.
+            st.pt_written = false;
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+    }
+
+    fn setattr_inner(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> io::Result<FileAttr> {
+        let inode = self.u.inode(ino)?;
+        if !self.u.layers.has_upper {
+            return Err(errno(libc::EROFS));
+        }
+        // A truncate to 0 needs no data copied.
+        let with_data = size != Some(0);
+        self.u.copy_up(&inode, with_data)?;
+        let (t, _) = self.u.target(&inode)?;
+        if let Some(m) = mode {
+            if inode.kind == libc::S_IFLNK {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            t.chmod(m & 0o7777)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            t.chown(uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(sz) = size {
+            if inode.is_dir() {
+                return Err(errno(libc::EISDIR));
+            }
+            let via_fh = match fh {
+                Some(fh) if fh.0 > 2 && fh.0 < i32::MAX as u64 => {
+                    sys::ftruncate(fh.0 as RawFd, sz).is_ok()
+                }
+                _ => false,
+            };
+            if !via_fh {
+                let f = t.open(libc::O_WRONLY)?;
+                sys::ftruncate(f.as_raw_fd(), sz)?;
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let conv = |t: Option<TimeOrNow>| match t {
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(TimeOrNow::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(TimeOrNow::SpecificTime(st)) => match st.duration_since(UNIX_EPOCH) {
+                    Ok(d) => libc::timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as i64,
+                    },
+                    Err(e) => {
+                        let d = e.duration();
+                        let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                        if n < 0 {
+                            s -= 1;
+                            n += 1_000_000_000;
+                        }
+                        libc::timespec {
+                            tv_sec: s,
+                            tv_nsec: n,
+                        }
+                    }
+                },
+            };
+            t.utimens(&[conv(atime), conv(mtime)])?;
+        }
+        self.attr_of(&inode, None)
+    }
+
+    fn xattr_target(&self, ino: u64) -> io::Result<Target> {
+        let inode = self.u.inode(ino)?;
+        Ok(self.u.target(&inode)?.0)
+    }
+
+    fn reply_xattr_bytes(data: &[u8], size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if data.len() > size as usize {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(data);
+        }
+    }
+
+    fn new_node(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        kind: u32,
+        make: impl FnMut(RawFd, &std::ffi::CStr, u32) -> io::Result<()>,
+    ) -> io::Result<Option<FileAttr>> {
+        let p = self.u.inode(parent)?;
+        self.u
+            .create_node(req.uid(), req.gid(), &p, name, mode, kind, make)?;
+        self.do_lookup(parent, name)
+    }
+}
+
+fn valid_fh(fh: FileHandle) -> io::Result<RawFd> {
+    if fh.0 > 2 && fh.0 < i32::MAX as u64 {
+        Ok(fh.0 as RawFd)
+    } else {
+        Err(errno(libc::EBADF))
+    }
+}
+
+impl Filesystem for UnionFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let caps = config.capabilities();
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_EXPORT_SUPPORT;
+        let _ = config.add_capabilities(wanted & caps);
+        if self.passthrough.load(Ordering::Relaxed) {
+            if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(self.stack_depth).is_ok()
+            {
+                tracing::debug!("passthrough negotiated (stack depth {})", self.stack_depth);
+            } else {
+                tracing::info!("kernel does not offer FUSE passthrough");
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent.0, name) {
+            Ok(None) => {
+                // A negative entry, cached for the TTL: the kernel drops it itself when we create.
+                let mut attr = make_attr(0, &sys::empty_stat(), false);
+                attr.ino = INodeNo(0);
+                reply.entry(&self.ttl, &attr, Generation(0));
+            }
+            other => self.reply_entry(other, reply),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.u.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.u.inode(ino.0).and_then(|i| self.attr_of(&i, fh)) {
+            Ok(a) => reply.attr(&self.ttl, &a),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.setattr_inner(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(a) => reply.attr(&self.ttl, &a),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let res = self
+            .u
+            .inode(ino.0)
+            .and_then(|i| match self.u.target(&i)?.0 {
+                Target::At(d, n) => sys::readlinkat(d.as_raw_fd(), &n),
+                Target::Dir(_) => Err(errno(libc::EINVAL)),
+            });
+        match res {
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = mode & libc::S_IFMT;
+        let res = self.new_node(req, parent.0, name, mode, kind, |d, n, m| {
+            if kind == libc::S_IFREG || kind == 0 {
+                sys::openat(d, n, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, m).map(drop)
+            } else {
+                sys::mknodat(d, n, kind | m, rdev as u64)
+            }
+        });
+        self.reply_entry(res, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self.new_node(req, parent.0, name, mode, libc::S_IFDIR, |d, n, m| {
+            sys::mkdirat(d, n, m)
+        });
+        self.reply_entry(res, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.u.inode(parent.0).and_then(|p| self.u.unlink(&p, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.u.inode(parent.0).and_then(|p| self.u.rmdir(&p, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let res = sys::cstr(target.as_os_str()).and_then(|tgt| {
+            self.new_node(req, parent.0, link_name, 0o777, libc::S_IFLNK, |d, n, _| {
+                sys::symlinkat(&tgt, d, n)
+            })
+        });
+        self.reply_entry(res, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = (|| {
+            let p = self.u.inode(parent.0)?;
+            let np = self.u.inode(newparent.0)?;
+            self.u.rename(&p, name, &np, newname, flags.bits())
+        })();
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let res = (|| {
+            let i = self.u.inode(ino.0)?;
+            let np = self.u.inode(newparent.0)?;
+            self.u.link(&i, &np, newname)?;
+            self.attr_of(&i, None).map(Some)
+        })();
+        self.reply_entry(res, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let inode = match self.u.inode(ino.0) {
+            Ok(i) => i,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        let fd = match self.open_real(&inode, flags.0) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
+            OpenMode::Passthrough(b) => {
+                let fh = fd.into_raw_fd() as u64;
+                lock(&self.backings).insert(fh, b.clone());
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
+            }
+            OpenMode::Cached => {
+                let fl = self.cached_flags(&inode);
+                reply.opened(FileHandle(fd.into_raw_fd() as u64), fl);
+            }
+            OpenMode::Direct => {
+                reply.opened(
+                    FileHandle(fd.into_raw_fd() as u64),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                );
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let res = valid_fh(fh).and_then(|fd| {
+            let mut buf = vec![0u8; size as usize];
+            let n = sys::pread_full(fd, &mut buf, offset)?;
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match res {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match valid_fh(fh).and_then(|fd| sys::pwrite_full(fd, data, offset)) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.backings).remove(&fh.0);
+        if let Ok(fd) = valid_fh(fh) {
+            // SAFETY: the fh is an fd we handed out at open and the kernel releases it once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match valid_fh(fh).and_then(|fd| sys::fsync(fd, datasync)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.u.inode(ino.0).and_then(|i| self.snapshot(&i));
+        match res {
+            Ok(entries) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dirs).insert(
+                    fh,
+                    Arc::new(DirHandle {
+                        entries: Mutex::new(Arc::new(entries)),
+                        fresh: AtomicBool::new(true),
+                    }),
+                );
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                );
+            }
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.dir_entries(ino.0, fh, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        let t = rlock(&self.u.table);
+        for (i, (name, kind)) in entries.iter().enumerate().skip(offset as usize) {
+            let d_ino = if i < 2 {
+                ino.0
+            } else {
+                t.names
+                    .get(&(ino.0, name.clone()))
+                    .copied()
+                    .unwrap_or((1 << 62) + i as u64)
+            };
+            if reply.add(INodeNo(d_ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        drop(t);
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.dir_entries(ino.0, fh, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        let dir_attr = match self.u.inode(ino.0).and_then(|i| self.attr_of(&i, None)) {
+            Ok(a) => a,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        for (i, (name, _)) in entries.iter().enumerate().skip(offset as usize) {
+            if i < 2 {
+                // The kernel does not count "." and ".." as lookups.
+                if reply.add(
+                    dir_attr.ino,
+                    (i + 1) as u64,
+                    name,
+                    &self.ttl,
+                    &dir_attr,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            let attr = match self.do_lookup(ino.0, name) {
+                Ok(Some(a)) => a,
+                _ => continue,
+            };
+            if reply.add(
+                attr.ino,
+                (i + 1) as u64,
+                name,
+                &self.ttl,
+                &attr,
+                Generation(0),
+            ) {
+                // Not sent: undo the lookup we counted.
+                self.u.forget(attr.ino.0, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = (|| {
+            let i = self.u.inode(ino.0)?;
+            let layer = lock(&i.state).layer;
+            if !self.u.layers.is_upper(layer) {
+                return Ok(());
+            }
+            let fd = self.u.dir_fd(&i, layer)?;
+            let d = sys::reopen_dir(fd.as_raw_fd())?;
+            sys::fsync(d.as_raw_fd(), datasync)
+        })();
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match sys::fstatvfs(self.u.layers.root(0)) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let res = (|| {
+            let bname = std::os::unix::ffi::OsStrExt::as_bytes(name);
+            if whiteout::is_private_xattr(bname) {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            let inode = self.u.inode(ino.0)?;
+            self.u.copy_up(&inode, true)?;
+            let (t, _) = self.u.target(&inode)?;
+            let (p, follow) = t.xattr_path();
+            sys::setxattr(&p, &sys::cstr(name)?, value, flags, follow)
+        })();
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let res = (|| {
+            let bname = std::os::unix::ffi::OsStrExt::as_bytes(name);
+            if whiteout::is_private_xattr(bname) {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            let (p, follow) = self.xattr_target(ino.0)?.xattr_path();
+            sys::getxattr(&p, &sys::cstr(name)?, follow)
+        })();
+        match res {
+            Ok(v) => Self::reply_xattr_bytes(&v, size, reply),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let res = (|| {
+            let (p, follow) = self.xattr_target(ino.0)?.xattr_path();
+            Ok::<_, io::Error>(whiteout::filter_xattr_list(&sys::listxattr(&p, follow)?))
+        })();
+        match res {
+            Ok(v) => Self::reply_xattr_bytes(&v, size, reply),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = (|| {
+            let bname = std::os::unix::ffi::OsStrExt::as_bytes(name);
+            if whiteout::is_private_xattr(bname) {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            let cname = sys::cstr(name)?;
+            let inode = self.u.inode(ino.0)?;
+            // Removing an attribute that is not there must not copy the file up.
+            let (p, follow) = self.u.target(&inode)?.0.xattr_path();
+            sys::getxattr(&p, &cname, follow)?;
+            self.u.copy_up(&inode, true)?;
+            let (p, follow) = self.u.target(&inode)?.0.xattr_path();
+            sys::removexattr(&p, &cname, follow)
+        })();
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks; this is only reached without it.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut file: Option<OwnedFd> = None;
+        let oflags = (flags
+            & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT))
+            | libc::O_CREAT
+            | libc::O_EXCL;
+        let res = self.new_node(req, parent.0, name, mode, libc::S_IFREG, |d, n, m| {
+            file = Some(sys::openat(d, n, oflags, m)?);
+            Ok(())
+        });
+        let attr = match res {
+            Ok(Some(a)) => a,
+            Ok(None) => return reply.error(Errno::ENOENT),
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        let (Some(fd), Ok(inode)) = (file, self.u.inode(attr.ino.0)) else {
+            return reply.error(Errno::EIO);
+        };
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
+            OpenMode::Passthrough(b) => {
+                let fh = fd.into_raw_fd() as u64;
+                lock(&self.backings).insert(fh, b.clone());
+                reply.created_passthrough(
+                    &self.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    &b.id,
+                );
+            }
+            OpenMode::Cached => {
+                let fl = self.cached_flags(&inode);
+                reply.created(
+                    &self.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fd.into_raw_fd() as u64),
+                    fl,
+                );
+            }
+            OpenMode::Direct => {
+                reply.created(
+                    &self.ttl,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fd.into_raw_fd() as u64),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                );
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match valid_fh(fh).and_then(|fd| sys::fallocate(fd, mode, offset, length)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match valid_fh(fh).and_then(|fd| sys::lseek(fd, offset, whence)) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let res = (|| {
+            let (fin, fout) = (valid_fh(fh_in)?, valid_fh(fh_out)?);
+            let (mut oi, mut oo) = (offset_in as i64, offset_out as i64);
+            sys::copy_file_range(
+                fin,
+                &mut oi,
+                fout,
+                &mut oo,
+                len.min(u32::MAX as u64) as usize,
+            )
+        })();
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(to_errno(e)),
+        }
+    }
+}

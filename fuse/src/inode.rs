@@ -1,0 +1,210 @@
+//! The inode table: FUSE node ids for merged objects, their names, where their data lives, and a
+//! bounded cache of O_PATH fds for directories (fds count against RLIMIT_NOFILE, so we never keep
+//! one per inode).
+//!
+//! Lock order: the table lock before any inode's `state` lock; never the reverse.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+/// Locks a mutex, recovering from poisoning (a panicked request must not wedge the mount).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read-locks an RwLock, recovering from poisoning.
+pub fn rlock<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write-locks an RwLock, recovering from poisoning.
+pub fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A passthrough backing file registered with the kernel, shared by all opens of one inode.
+#[derive(Debug)]
+pub struct Backing {
+    /// The kernel's handle.
+    pub id: fuser::BackingId,
+    /// (dev, ino) of the real file, so a copied-up inode does not reuse the lower's backing.
+    pub real: (u64, u64),
+}
+
+/// Mutable state of an inode.
+#[derive(Debug, Default)]
+pub struct InodeState {
+    /// Names (parent node id, name) this object is known under; several for hard links.
+    pub names: Vec<(u64, OsString)>,
+    /// Layer holding the topmost real object.
+    pub layer: usize,
+    /// Directories: contributing layers, topmost first.
+    pub stack: Vec<usize>,
+    /// Directories: path relative to every layer root ("" for the root).
+    pub path: OsString,
+    /// Removed directory (rmdir): nothing may be resolved below it.
+    pub dead: bool,
+    /// Upper (dev, ino) this inode is registered under in `Table::upper_ids`.
+    pub upper_id: Option<(u64, u64)>,
+    /// A passthrough open with write access happened: the page cache may be stale.
+    pub pt_written: bool,
+}
+
+/// One merged object known to the kernel.
+#[derive(Debug)]
+pub struct Inode {
+    /// FUSE node id (also reported as st_ino).
+    pub ino: u64,
+    /// File type bits (S_IFMT) — fixed for the life of the inode.
+    pub kind: u32,
+    /// Kernel lookup count.
+    pub nlookup: AtomicU64,
+    /// Mutable state.
+    pub state: Mutex<InodeState>,
+    /// Serialises copy-up of this object.
+    pub copy_lock: Mutex<()>,
+    /// Live passthrough backing, if any.
+    pub backing: Mutex<Weak<Backing>>,
+}
+
+impl Inode {
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+}
+
+/// The inode table proper.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// All live inodes.
+    pub map: HashMap<u64, Arc<Inode>>,
+    /// (parent, name) → node id.
+    pub names: HashMap<(u64, OsString), u64>,
+    /// Upper (dev, ino) → node id, so hard links in the upper share one inode.
+    pub upper_ids: HashMap<(u64, u64), u64>,
+    /// Next node id to hand out (never reused).
+    pub next: u64,
+}
+
+impl Table {
+    /// A table holding only the root.
+    pub fn new(root: Inode) -> Table {
+        let mut map = HashMap::new();
+        map.insert(fuser::INodeNo::ROOT.0, Arc::new(root));
+        Table {
+            map,
+            names: HashMap::new(),
+            upper_ids: HashMap::new(),
+            next: 2,
+        }
+    }
+
+    /// Looks up a live inode.
+    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.map.get(&ino).cloned()
+    }
+
+    /// The inode currently known under (parent, name).
+    pub fn by_name(&self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
+        self.names
+            .get(&(parent, name.to_os_string()))
+            .and_then(|i| self.map.get(i))
+            .cloned()
+    }
+
+    /// Removes the name (parent, name) from whatever inode holds it.
+    pub fn remove_name(&mut self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
+        let ino = self.names.remove(&(parent, name.to_os_string()))?;
+        let inode = self.map.get(&ino).cloned()?;
+        lock(&inode.state)
+            .names
+            .retain(|(p, n)| !(*p == parent && n == name));
+        Some(inode)
+    }
+
+    /// Adds a name to an inode.
+    pub fn add_name(&mut self, inode: &Inode, parent: u64, name: &OsStr) {
+        let key = (parent, name.to_os_string());
+        if let Some(old) = self.names.insert(key.clone(), inode.ino) {
+            if old != inode.ino {
+                if let Some(o) = self.map.get(&old) {
+                    lock(&o.state).names.retain(|k| *k != key);
+                }
+            }
+        }
+        let mut st = lock(&inode.state);
+        if !st.names.contains(&key) {
+            st.names.push(key);
+        }
+    }
+
+    /// Drops an inode the kernel has forgotten.
+    pub fn remove(&mut self, ino: u64) {
+        if let Some(inode) = self.map.remove(&ino) {
+            let st = lock(&inode.state);
+            for k in &st.names {
+                if self.names.get(k) == Some(&ino) {
+                    self.names.remove(k);
+                }
+            }
+            if let Some(k) = st.upper_id {
+                if self.upper_ids.get(&k) == Some(&ino) {
+                    self.upper_ids.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+/// A bounded cache of O_PATH directory fds keyed by (node id, layer).
+#[derive(Debug)]
+pub struct DirFdCache {
+    map: Mutex<HashMap<(u64, usize), (Arc<OwnedFd>, u64)>>,
+    tick: AtomicU64,
+    cap: usize,
+}
+
+impl DirFdCache {
+    /// A cache holding at most `cap` fds.
+    pub fn new(cap: usize) -> DirFdCache {
+        DirFdCache {
+            map: Mutex::new(HashMap::new()),
+            tick: AtomicU64::new(0),
+            cap: cap.max(16),
+        }
+    }
+
+    /// A cached fd.
+    pub fn get(&self, ino: u64, layer: usize) -> Option<Arc<OwnedFd>> {
+        let t = self.tick.fetch_add(1, Ordering::Relaxed);
+        let mut m = lock(&self.map);
+        let e = m.get_mut(&(ino, layer))?;
+        e.1 = t;
+        Some(e.0.clone())
+    }
+
+    /// Inserts an fd, evicting the least recently used half when full.
+    pub fn insert(&self, ino: u64, layer: usize, fd: Arc<OwnedFd>) {
+        let t = self.tick.fetch_add(1, Ordering::Relaxed);
+        let mut m = lock(&self.map);
+        if m.len() >= self.cap {
+            let mut ticks: Vec<u64> = m.values().map(|v| v.1).collect();
+            ticks.sort_unstable();
+            let cut = ticks[ticks.len() / 2];
+            m.retain(|_, v| v.1 > cut);
+        }
+        m.insert((ino, layer), (fd, t));
+    }
+
+    /// Forgets the fds of a node in the given layers.
+    pub fn remove(&self, ino: u64, layers: &[usize]) {
+        let mut m = lock(&self.map);
+        for l in layers {
+            m.remove(&(ino, *l));
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! cachedriver-fuse: a union filesystem in FUSE with kernel-overlayfs semantics and the kernel's
+//! upper-dir format, used by cachedriver where kernel overlayfs is not available (rootless or
+//! restricted hosts). Command line compatible with fuse-overlayfs.
+
+mod copyup;
+mod daemon;
+mod fs;
+mod inode;
+mod layers;
+pub mod options;
+mod sys;
+mod union;
+pub mod whiteout;
+
+use std::ffi::OsString;
+
+use fuser::{Config, Session, SessionACL};
+
+use crate::options::Options;
+use crate::whiteout::XattrNs;
+
+fn init_logging(debug: bool) {
+    let level = if debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::WARN
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs the fuse-overlayfs-compatible command line (`[SOURCE] MOUNTPOINT -o lowerdir=..,upperdir=..,workdir=..`).
+/// `args` excludes the program name. Returns the process exit code.
+pub fn cli_main(args: Vec<OsString>) -> i32 {
+    let opts = match options::parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cachedriver-fuse: {e}");
+            return 1;
+        }
+    };
+    init_logging(opts.debug);
+    for i in &opts.ignored {
+        tracing::warn!("option {i:?} is accepted for fuse-overlayfs compatibility and ignored");
+    }
+    let mountpoint = match daemon::check_mountpoint(&opts.mountpoint) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cachedriver-fuse: {e}");
+            return 1;
+        }
+    };
+    let userns = options::in_user_namespace();
+    let ns = opts.xattr.unwrap_or(if userns {
+        XattrNs::User
+    } else {
+        XattrNs::Trusted
+    });
+    let layers = match layers::Layers::open(&opts, ns) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cachedriver-fuse: {e}");
+            return 1;
+        }
+    };
+    sys::raise_nofile_limit();
+    // Modes from the kernel are already umasked; ours must not mask them again.
+    // SAFETY: trivial syscall.
+    unsafe { libc::umask(0) };
+    let ready = if opts.foreground {
+        daemon::Ready::foreground()
+    } else {
+        match daemon::daemonize() {
+            Ok(code) => return code,
+            Err(ready) => ready,
+        }
+    };
+    serve(opts, mountpoint, layers, userns, ready)
+}
+
+fn serve(
+    opts: Options,
+    mountpoint: std::path::PathBuf,
+    layers: layers::Layers,
+    userns: bool,
+    mut ready: daemon::Ready,
+) -> i32 {
+    let read_only = !layers.has_upper;
+    let fs = fs::UnionFs::new(layers, opts.timeout, opts.passthrough, userns);
+    let mut cfg = Config::default();
+    cfg.acl = SessionACL::All;
+    let ncpu = std::thread::available_parallelism().map_or(2, |n| n.get());
+    cfg.n_threads = Some(opts.threads.unwrap_or((ncpu * 2).max(4)));
+    cfg.clone_fd = true;
+    let sigs = daemon::block_signals();
+    let dev = match daemon::fuse_mount(&mountpoint, &opts.source, read_only) {
+        Ok(d) => d,
+        Err(e) => {
+            ready.fail(&format!("mounting on {mountpoint:?}: {e}"));
+            return 1;
+        }
+    };
+    let session = match Session::from_fd(fs, dev, SessionACL::All, cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            daemon::unmount(&mountpoint);
+            ready.fail(&format!("mounting on {mountpoint:?}: {e}"));
+            return 1;
+        }
+    };
+    if let Some(p) = &opts.pidfile {
+        if let Err(e) = daemon::write_pidfile(p) {
+            ready.fail(&format!("pidfile {p:?}: {e}"));
+            daemon::unmount(&mountpoint);
+            return 1;
+        }
+    }
+    ready.ok();
+    if !opts.foreground {
+        daemon::detach_stdio();
+    }
+    daemon::spawn_signal_thread(sigs, mountpoint.clone());
+    match session.run() {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("session on {mountpoint:?} ended: {e}");
+            1
+        }
+    }
+}

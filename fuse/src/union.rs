@@ -1,0 +1,889 @@
+//! The union logic, independent of the FUSE wire protocol: resolving names across layers,
+//! interning inodes, copy-up, and the namespace operations (create, unlink, rmdir, rename,
+//! link) that write the kernel's upper format.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use crate::copyup;
+use crate::inode::{lock, rlock, wlock, DirFdCache, Inode, InodeState, Table};
+use crate::layers::{self, Layers};
+use crate::sys::{self, errno};
+use crate::whiteout;
+
+/// Where a merged object's real data is reached.
+pub enum Target {
+    /// A non-directory: its parent's fd in the object's layer, plus its name.
+    At(Arc<OwnedFd>, CString),
+    /// A directory: an O_PATH fd of the directory itself.
+    Dir(Arc<OwnedFd>),
+}
+
+impl Target {
+    /// stat without following a final symlink.
+    pub fn stat(&self) -> io::Result<libc::stat> {
+        match self {
+            Target::At(d, n) => sys::fstatat(d.as_raw_fd(), n),
+            Target::Dir(fd) => sys::fstat(fd.as_raw_fd()),
+        }
+    }
+
+    /// A path for the xattr calls, and whether to follow its final component.
+    pub fn xattr_path(&self) -> (CString, bool) {
+        match self {
+            Target::At(d, n) => (sys::proc_path(d.as_raw_fd(), Some(n)), false),
+            Target::Dir(fd) => (sys::proc_path(fd.as_raw_fd(), None), true),
+        }
+    }
+
+    /// chown without following symlinks.
+    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+        match self {
+            Target::At(d, n) => sys::fchownat(d.as_raw_fd(), n, uid, gid),
+            Target::Dir(fd) => sys::fchownat(fd.as_raw_fd(), c"", uid, gid),
+        }
+    }
+
+    /// chmod (never called for symlinks).
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        match self {
+            Target::At(d, n) => sys::fchmodat(d.as_raw_fd(), n, mode),
+            Target::Dir(fd) => {
+                sys::fchmodat(libc::AT_FDCWD, &sys::proc_path(fd.as_raw_fd(), None), mode)
+            }
+        }
+    }
+
+    /// utimensat without following symlinks.
+    pub fn utimens(&self, ts: &[libc::timespec; 2]) -> io::Result<()> {
+        match self {
+            Target::At(d, n) => sys::utimensat(d.as_raw_fd(), n, ts, libc::AT_SYMLINK_NOFOLLOW),
+            Target::Dir(fd) => {
+                sys::utimensat(libc::AT_FDCWD, &sys::proc_path(fd.as_raw_fd(), None), ts, 0)
+            }
+        }
+    }
+
+    /// Opens the object (never following a final symlink).
+    pub fn open(&self, flags: i32) -> io::Result<OwnedFd> {
+        match self {
+            Target::At(d, n) => sys::openat(d.as_raw_fd(), n, flags, 0),
+            Target::Dir(fd) => sys::openat(fd.as_raw_fd(), c".", flags, 0),
+        }
+    }
+}
+
+/// The result of resolving a name in a merged directory.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// stat of the topmost real object.
+    pub st: libc::stat,
+    /// Its layer.
+    pub layer: usize,
+    /// Directories: contributing layers, topmost first.
+    pub stack: Vec<usize>,
+}
+
+fn is_enoent(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
+fn is_dir_mode(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// The union filesystem's state.
+pub struct Union {
+    /// The layers.
+    pub layers: Layers,
+    /// The inode table.
+    pub table: RwLock<Table>,
+    fds: DirFdCache,
+    tmp_seq: AtomicU64,
+    euid: u32,
+    egid: u32,
+}
+
+impl Union {
+    /// Builds the union over opened layers, resolving the root's layer stack.
+    pub fn new(layers: Layers) -> Union {
+        let mut stack = Vec::new();
+        for li in 0..layers.roots.len() {
+            stack.push(li);
+            if li + 1 < layers.roots.len() && layers.is_opaque(layers.root(li), None) {
+                break;
+            }
+        }
+        let root = Inode {
+            ino: fuser::INodeNo::ROOT.0,
+            kind: libc::S_IFDIR,
+            nlookup: AtomicU64::new(1),
+            state: Mutex::new(InodeState {
+                layer: 0,
+                stack,
+                ..Default::default()
+            }),
+            copy_lock: Mutex::new(()),
+            backing: Mutex::new(Weak::new()),
+        };
+        let cap = (sys::nofile_limit() / 4).clamp(64, 65536) as usize;
+        Union {
+            layers,
+            table: RwLock::new(Table::new(root)),
+            fds: DirFdCache::new(cap),
+            tmp_seq: AtomicU64::new(0),
+            // SAFETY: trivial syscalls.
+            euid: unsafe { libc::geteuid() },
+            // SAFETY: trivial syscalls.
+            egid: unsafe { libc::getegid() },
+        }
+    }
+
+    /// A live inode, or ENOENT.
+    pub fn inode(&self, ino: u64) -> io::Result<Arc<Inode>> {
+        rlock(&self.table)
+            .get(ino)
+            .ok_or_else(|| errno(libc::ENOENT))
+    }
+
+    /// An O_PATH fd of directory `inode` in layer `layer` (cached, bounded).
+    pub fn dir_fd(&self, inode: &Inode, layer: usize) -> io::Result<Arc<OwnedFd>> {
+        if let Some(fd) = self.fds.get(inode.ino, layer) {
+            return Ok(fd);
+        }
+        let (path, dead) = {
+            let st = lock(&inode.state);
+            (st.path.clone(), st.dead)
+        };
+        if dead {
+            return Err(errno(libc::ENOENT));
+        }
+        let root = self.layers.root(layer);
+        let fd = if path.is_empty() {
+            sys::openat(root, c".", libc::O_PATH | libc::O_DIRECTORY, 0)?
+        } else {
+            sys::open_dir_beneath(root, &sys::cstr(&path)?)?
+        };
+        let fd = Arc::new(fd);
+        self.fds.insert(inode.ino, layer, fd.clone());
+        Ok(fd)
+    }
+
+    /// Where the object's real data is, and in which layer.
+    pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
+        let (layer, name) = {
+            let st = lock(&inode.state);
+            (st.layer, st.names.first().cloned())
+        };
+        if inode.is_dir() {
+            return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
+        }
+        let (p, name) = name.ok_or_else(|| errno(libc::ENOENT))?;
+        let parent = self.inode(p)?;
+        let pfd = self.dir_fd(&parent, layer)?;
+        Ok((Target::At(pfd, sys::cstr(&name)?), layer))
+    }
+
+    /// The layer stack of a directory inode.
+    pub fn stack(&self, inode: &Inode) -> io::Result<Vec<usize>> {
+        let st = lock(&inode.state);
+        if st.dead {
+            return Err(errno(libc::ENOENT));
+        }
+        Ok(st.stack.clone())
+    }
+
+    /// Resolves `name` in directory `parent` across its layers.
+    pub fn resolve(&self, parent: &Inode, name: &OsStr) -> io::Result<Option<Resolved>> {
+        if whiteout::is_reserved_name(std::os::unix::ffi::OsStrExt::as_bytes(name)) {
+            return Ok(None);
+        }
+        let pstack = self.stack(parent)?;
+        let cname = sys::cstr(name)?;
+        let mut found: Option<Resolved> = None;
+        for (i, &li) in pstack.iter().enumerate() {
+            let pfd = self.dir_fd(parent, li)?;
+            let pfd = pfd.as_raw_fd();
+            let more = i + 1 < pstack.len();
+            match sys::fstatat(pfd, &cname) {
+                Err(e) if is_enoent(&e) => {
+                    if more && self.layers.has_wh_file(pfd, &cname) {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(st) => {
+                    if whiteout::is_whiteout(&st) {
+                        break;
+                    }
+                    let dir = is_dir_mode(st.st_mode);
+                    match &mut found {
+                        None if !dir => {
+                            return Ok(Some(Resolved {
+                                st,
+                                layer: li,
+                                stack: Vec::new(),
+                            }))
+                        }
+                        None => {
+                            found = Some(Resolved {
+                                st,
+                                layer: li,
+                                stack: vec![li],
+                            })
+                        }
+                        Some(_) if !dir => break,
+                        Some(f) => f.stack.push(li),
+                    }
+                    if more && self.layers.is_opaque(pfd, Some(&cname)) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Finds or creates the inode for a resolved name and counts one kernel lookup on it.
+    pub fn intern(&self, parent: &Inode, name: &OsStr, r: &Resolved) -> Arc<Inode> {
+        let kind = r.st.st_mode & libc::S_IFMT;
+        {
+            let t = rlock(&self.table);
+            if let Some(ex) = t.by_name(parent.ino, name) {
+                if ex.kind == kind {
+                    ex.nlookup.fetch_add(1, Ordering::SeqCst);
+                    return ex;
+                }
+            }
+        }
+        let mut t = wlock(&self.table);
+        if let Some(ex) = t.by_name(parent.ino, name) {
+            if ex.kind == kind {
+                ex.nlookup.fetch_add(1, Ordering::SeqCst);
+                return ex;
+            }
+            t.remove_name(parent.ino, name);
+        }
+        let upper_key =
+            (self.layers.is_upper(r.layer) && kind != libc::S_IFDIR && r.st.st_nlink > 1)
+                .then_some((r.st.st_dev, r.st.st_ino));
+        if let Some(k) = upper_key {
+            if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.map.get(i)).cloned() {
+                if ex.kind == kind {
+                    ex.nlookup.fetch_add(1, Ordering::SeqCst);
+                    t.add_name(&ex, parent.ino, name);
+                    return ex;
+                }
+            }
+        }
+        let ino = t.next;
+        t.next += 1;
+        let path = if kind == libc::S_IFDIR {
+            layers::join(&lock(&parent.state).path, name)
+        } else {
+            OsString::new()
+        };
+        let inode = Arc::new(Inode {
+            ino,
+            kind,
+            nlookup: AtomicU64::new(1),
+            state: Mutex::new(InodeState {
+                names: Vec::new(),
+                layer: r.layer,
+                stack: r.stack.clone(),
+                path,
+                dead: false,
+                upper_id: upper_key,
+                pt_written: false,
+            }),
+            copy_lock: Mutex::new(()),
+            backing: Mutex::new(Weak::new()),
+        });
+        t.map.insert(ino, inode.clone());
+        t.add_name(&inode, parent.ino, name);
+        if let Some(k) = upper_key {
+            t.upper_ids.insert(k, ino);
+        }
+        inode
+    }
+
+    /// Drops `n` kernel lookups of an inode, freeing it at zero.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == fuser::INodeNo::ROOT.0 {
+            return;
+        }
+        let Some(inode) = rlock(&self.table).get(ino) else {
+            return;
+        };
+        let prev = inode
+            .nlookup
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some(v.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        if prev > n {
+            return;
+        }
+        let mut t = wlock(&self.table);
+        if inode.nlookup.load(Ordering::SeqCst) == 0 {
+            t.remove(ino);
+            drop(t);
+            let mut layers = lock(&inode.state).stack.clone();
+            layers.push(0);
+            self.fds.remove(ino, &layers);
+        }
+    }
+
+    /// A fresh name for a temporary object in the work dir.
+    pub fn tmp_name(&self) -> CString {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("#cdf.{}.{n}", std::process::id())).unwrap_or_default()
+    }
+
+    /// Copies an object (and its parents) up into the upper layer. `with_data` false skips the
+    /// file data (for an open with O_TRUNC).
+    pub fn copy_up(&self, inode: &Arc<Inode>, with_data: bool) -> io::Result<()> {
+        if !self.layers.has_upper {
+            return Err(errno(libc::EROFS));
+        }
+        if lock(&inode.state).layer == 0 {
+            return Ok(());
+        }
+        let _g = lock(&inode.copy_lock);
+        let (layer, name) = {
+            let st = lock(&inode.state);
+            (st.layer, st.names.first().cloned())
+        };
+        if layer == 0 {
+            return Ok(());
+        }
+        let (p, name) = name.ok_or_else(|| errno(libc::ENOENT))?;
+        let parent = self.inode(p)?;
+        self.copy_up(&parent, true)?;
+        let up = self.dir_fd(&parent, 0)?;
+        let src = self.dir_fd(&parent, layer)?;
+        let cname = sys::cstr(&name)?;
+        let st = sys::fstatat(src.as_raw_fd(), &cname)?;
+        let work = self.layers.work_fd()?;
+        let tmp = self.tmp_name();
+        copyup::copy_object(src.as_raw_fd(), &cname, &st, work, &tmp, with_data)?;
+        if let Err(e) = sys::renameat2(work, &tmp, up.as_raw_fd(), &cname, libc::RENAME_NOREPLACE) {
+            let _ = layers::remove_tree(work, &tmp);
+            tracing::warn!("copy-up of {:?}: {e}", name);
+            return Err(e);
+        }
+        let mut s = lock(&inode.state);
+        s.layer = 0;
+        if inode.is_dir() {
+            s.stack.insert(0, 0);
+        }
+        tracing::debug!("copied up {:?} (ino {})", name, inode.ino);
+        Ok(())
+    }
+
+    /// Whether a lower layer of `parent` (already copied up) has a visible `name`.
+    pub fn lower_has(&self, parent: &Inode, name: &CStr) -> io::Result<bool> {
+        let stack = self.stack(parent)?;
+        for &li in &stack {
+            if self.layers.is_upper(li) {
+                continue;
+            }
+            let pfd = self.dir_fd(parent, li)?;
+            match sys::fstatat(pfd.as_raw_fd(), name) {
+                Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
+                Err(e) if is_enoent(&e) => {
+                    if self.layers.has_wh_file(pfd.as_raw_fd(), name) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Creates a whiteout at `up/name`, where nothing exists in the upper.
+    fn put_whiteout(&self, up: RawFd, name: &CStr) -> io::Result<()> {
+        let work = self.layers.work_fd()?;
+        let tmp = self.tmp_name();
+        sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+        if let Err(e) = sys::renameat2(work, &tmp, up, name, 0) {
+            let _ = sys::unlinkat(work, &tmp, 0);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Replaces the upper object `up/name` by a whiteout atomically, then deletes the object.
+    fn replace_with_whiteout(&self, up: RawFd, name: &CStr) -> io::Result<()> {
+        let work = self.layers.work_fd()?;
+        let tmp = self.tmp_name();
+        match sys::renameat2(up, name, work, &tmp, libc::RENAME_WHITEOUT) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => {
+                // RENAME_WHITEOUT needs CAP_MKNOD in the init namespace; a 0/0 mknod does not.
+                sys::mknodat(work, &tmp, libc::S_IFCHR, 0)?;
+                if let Err(e) = sys::renameat2(work, &tmp, up, name, libc::RENAME_EXCHANGE) {
+                    let _ = sys::unlinkat(work, &tmp, 0);
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = layers::remove_tree(work, &tmp) {
+            tracing::warn!("cleaning work dir entry {:?}: {e}", tmp);
+        }
+        Ok(())
+    }
+
+    /// Removes whiteouts (and other format markers) from an upper dir about to be removed or
+    /// replaced; anything else there means the merged dir is not empty.
+    fn clear_upper_dir(&self, up: RawFd, name: &CStr) -> io::Result<()> {
+        let d = sys::openat(up, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let dpath = sys::openat(d.as_raw_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        for (child, _) in sys::list_dir(d)? {
+            let c = CString::new(child.clone()).map_err(|_| errno(libc::EINVAL))?;
+            let st = sys::fstatat(dpath.as_raw_fd(), &c)?;
+            if whiteout::is_whiteout(&st) || whiteout::is_reserved_name(&child) {
+                sys::unlinkat(dpath.as_raw_fd(), &c, 0)?;
+            } else {
+                return Err(errno(libc::ENOTEMPTY));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the merged directory `parent/name` (resolved as `r`) is empty.
+    fn merged_empty(&self, parent: &Inode, name: &CStr, r: &Resolved) -> io::Result<bool> {
+        let mut dirs = Vec::new();
+        for &li in &r.stack {
+            let pfd = self.dir_fd(parent, li)?;
+            dirs.push(sys::openat(
+                pfd.as_raw_fd(),
+                name,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )?);
+        }
+        Ok(layers::merged_listing(dirs)?.is_empty())
+    }
+
+    /// Owner, group and mode for a new object in a directory with stat `pst`.
+    fn new_owner(
+        &self,
+        uid: u32,
+        gid: u32,
+        pst: &libc::stat,
+        is_dir: bool,
+        mode: u32,
+    ) -> (u32, u32, u32) {
+        let mut mode = mode & 0o7777;
+        let mut gid = gid;
+        if pst.st_mode & libc::S_ISGID != 0 {
+            gid = pst.st_gid;
+            if is_dir {
+                mode |= libc::S_ISGID;
+            }
+        }
+        (uid, gid, mode)
+    }
+
+    fn set_owner(
+        &self,
+        dir: RawFd,
+        name: &CStr,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        kind: u32,
+    ) -> io::Result<()> {
+        if (uid, gid) != (self.euid, self.egid) {
+            sys::fchownat(dir, name, uid, gid)?;
+        }
+        if kind != libc::S_IFLNK && mode & 0o7000 != 0 {
+            sys::fchmodat(dir, name, mode)?;
+        }
+        Ok(())
+    }
+
+    /// Creates a new object `name` in `parent` with `make(dirfd, name, mode)`, owned by
+    /// (uid, gid): directly in the upper, or — over a whiteout — in the work dir and then renamed
+    /// over it (a directory created there becomes opaque).
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_node(
+        &self,
+        uid: u32,
+        gid: u32,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        mode: u32,
+        kind: u32,
+        mut make: impl FnMut(RawFd, &CStr, u32) -> io::Result<()>,
+    ) -> io::Result<()> {
+        whiteout::validate_new_name(name).map_err(errno)?;
+        self.copy_up(parent, true)?;
+        let up = self.dir_fd(parent, 0)?;
+        let up = up.as_raw_fd();
+        let pst = sys::fstat(up)?;
+        let (uid, gid, mode) = self.new_owner(uid, gid, &pst, kind == libc::S_IFDIR, mode);
+        let cname = sys::cstr(name)?;
+        let over_wh = match sys::fstatat(up, &cname) {
+            Ok(st) if whiteout::is_whiteout(&st) => true,
+            Ok(_) => return Err(errno(libc::EEXIST)),
+            Err(e) if is_enoent(&e) => false,
+            Err(e) => return Err(e),
+        };
+        let rmflag = if kind == libc::S_IFDIR {
+            libc::AT_REMOVEDIR
+        } else {
+            0
+        };
+        if !over_wh {
+            make(up, &cname, mode)?;
+            if let Err(e) = self.set_owner(up, &cname, uid, gid, mode, kind) {
+                let _ = sys::unlinkat(up, &cname, rmflag);
+                return Err(e);
+            }
+            return Ok(());
+        }
+        let work = self.layers.work_fd()?;
+        let tmp = self.tmp_name();
+        make(work, &tmp, mode)?;
+        let res = (|| {
+            self.set_owner(work, &tmp, uid, gid, mode, kind)?;
+            if kind == libc::S_IFDIR {
+                sys::setxattr(
+                    &sys::proc_path(work, Some(&tmp)),
+                    self.layers.xattr_ns.opaque_name(),
+                    b"y",
+                    0,
+                    false,
+                )?;
+                sys::renameat2(work, &tmp, up, &cname, libc::RENAME_EXCHANGE)?;
+                sys::unlinkat(work, &tmp, 0)
+            } else {
+                sys::renameat2(work, &tmp, up, &cname, 0)
+            }
+        })();
+        if res.is_err() {
+            let _ = layers::remove_tree(work, &tmp);
+        }
+        res
+    }
+
+    /// unlink(2) in the merged view.
+    pub fn unlink(&self, parent: &Arc<Inode>, name: &OsStr) -> io::Result<()> {
+        let r = self
+            .resolve(parent, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        if is_dir_mode(r.st.st_mode) {
+            return Err(errno(libc::EISDIR));
+        }
+        self.copy_up(parent, true)?;
+        let up = self.dir_fd(parent, 0)?;
+        let cname = sys::cstr(name)?;
+        let need_wh = self.lower_has(parent, &cname)?;
+        if self.layers.is_upper(r.layer) {
+            if need_wh {
+                self.replace_with_whiteout(up.as_raw_fd(), &cname)?;
+            } else {
+                sys::unlinkat(up.as_raw_fd(), &cname, 0)?;
+            }
+        } else {
+            self.put_whiteout(up.as_raw_fd(), &cname)?;
+        }
+        wlock(&self.table).remove_name(parent.ino, name);
+        Ok(())
+    }
+
+    /// rmdir(2) in the merged view.
+    pub fn rmdir(&self, parent: &Arc<Inode>, name: &OsStr) -> io::Result<()> {
+        let r = self
+            .resolve(parent, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        if !is_dir_mode(r.st.st_mode) {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let cname = sys::cstr(name)?;
+        if !self.merged_empty(parent, &cname, &r)? {
+            return Err(errno(libc::ENOTEMPTY));
+        }
+        self.copy_up(parent, true)?;
+        let up = self.dir_fd(parent, 0)?;
+        let up = up.as_raw_fd();
+        let need_wh = self.lower_has(parent, &cname)?;
+        if self.layers.is_upper(r.layer) {
+            self.clear_upper_dir(up, &cname)?;
+            if need_wh {
+                self.replace_with_whiteout(up, &cname)?;
+            } else {
+                sys::unlinkat(up, &cname, libc::AT_REMOVEDIR)?;
+            }
+        } else {
+            self.put_whiteout(up, &cname)?;
+        }
+        let removed = wlock(&self.table).remove_name(parent.ino, name);
+        if let Some(d) = removed {
+            let mut layers = {
+                let mut s = lock(&d.state);
+                s.dead = true;
+                s.stack.clone()
+            };
+            layers.push(0);
+            self.fds.remove(d.ino, &layers);
+        }
+        Ok(())
+    }
+
+    /// Looks up (parent, name) and returns its inode with one extra lookup counted.
+    fn pin(&self, parent: &Inode, name: &OsStr, r: &Resolved) -> Arc<Inode> {
+        self.intern(parent, name, r)
+    }
+
+    /// rename(2)/renameat2(2) in the merged view.
+    pub fn rename(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        newparent: &Arc<Inode>,
+        newname: &OsStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0
+            || flags == libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE
+        {
+            return Err(errno(libc::EINVAL));
+        }
+        if !self.layers.has_upper {
+            return Err(errno(libc::EROFS));
+        }
+        whiteout::validate_new_name(newname).map_err(errno)?;
+        let src = self
+            .resolve(parent, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let dst = self.resolve(newparent, newname)?;
+        let src_dir = is_dir_mode(src.st.st_mode);
+        let pure_upper = |r: &Resolved| r.stack == [0] && self.layers.is_upper(0);
+        if src_dir && !pure_upper(&src) {
+            // As kernel overlayfs with redirect_dir=off: a directory with lower parts cannot move.
+            return Err(errno(libc::EXDEV));
+        }
+        let src_inode = self.pin(parent, name, &src);
+        let res = self.rename_inner(
+            parent,
+            name,
+            newparent,
+            newname,
+            flags,
+            &src,
+            dst.as_ref(),
+            &src_inode,
+        );
+        self.forget(src_inode.ino, 1);
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_inner(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        newparent: &Arc<Inode>,
+        newname: &OsStr,
+        flags: u32,
+        src: &Resolved,
+        dst: Option<&Resolved>,
+        src_inode: &Arc<Inode>,
+    ) -> io::Result<()> {
+        let src_dir = is_dir_mode(src.st.st_mode);
+        let cname = sys::cstr(name)?;
+        let cnew = sys::cstr(newname)?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or_else(|| errno(libc::ENOENT))?;
+            if is_dir_mode(dst.st.st_mode) && dst.stack != [0] {
+                return Err(errno(libc::EXDEV));
+            }
+            let dst_inode = self.pin(newparent, newname, dst);
+            let res = (|| {
+                self.copy_up(src_inode, true)?;
+                self.copy_up(&dst_inode, true)?;
+                self.copy_up(parent, true)?;
+                self.copy_up(newparent, true)?;
+                let up = self.dir_fd(parent, 0)?;
+                let up2 = self.dir_fd(newparent, 0)?;
+                sys::renameat2(
+                    up.as_raw_fd(),
+                    &cname,
+                    up2.as_raw_fd(),
+                    &cnew,
+                    libc::RENAME_EXCHANGE,
+                )?;
+                let mut t = wlock(&self.table);
+                t.remove_name(parent.ino, name);
+                t.remove_name(newparent.ino, newname);
+                t.add_name(src_inode, newparent.ino, newname);
+                t.add_name(&dst_inode, parent.ino, name);
+                drop(t);
+                self.moved_dir(src_inode, newparent, newname);
+                self.moved_dir(&dst_inode, parent, name);
+                Ok(())
+            })();
+            self.forget(dst_inode.ino, 1);
+            return res;
+        }
+        if let Some(d) = dst {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(errno(libc::EEXIST));
+            }
+            let dst_dir = is_dir_mode(d.st.st_mode);
+            if src_dir && !dst_dir {
+                return Err(errno(libc::ENOTDIR));
+            }
+            if !src_dir && dst_dir {
+                return Err(errno(libc::EISDIR));
+            }
+            if dst_dir && !self.merged_empty(newparent, &cnew, d)? {
+                return Err(errno(libc::ENOTEMPTY));
+            }
+            if parent.ino == newparent.ino && name == newname {
+                return Ok(());
+            }
+            if let Some(di) = rlock(&self.table).by_name(newparent.ino, newname) {
+                if di.ino == src_inode.ino {
+                    // Two names of one file: rename(2) does nothing.
+                    return Ok(());
+                }
+            }
+        }
+        self.copy_up(src_inode, true)?;
+        self.copy_up(parent, true)?;
+        self.copy_up(newparent, true)?;
+        let up = self.dir_fd(parent, 0)?;
+        let up2 = self.dir_fd(newparent, 0)?;
+        let (up, up2) = (up.as_raw_fd(), up2.as_raw_fd());
+        let need_wh = self.lower_has(parent, &cname)?;
+        // What the upper holds at the destination: a whiteout, a real (replaceable) object, or nothing.
+        match sys::fstatat(up2, &cnew) {
+            Ok(st) if whiteout::is_whiteout(&st) => {
+                if src_dir {
+                    sys::unlinkat(up2, &cnew, 0)?;
+                }
+            }
+            Ok(st) if is_dir_mode(st.st_mode) => self.clear_upper_dir(up2, &cnew)?,
+            Ok(_) => {}
+            Err(e) if is_enoent(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if src_dir && self.lower_has(newparent, &cnew)? {
+            // Lower content under the new name must not show through the moved directory.
+            sys::setxattr(
+                &sys::proc_path(up, Some(&cname)),
+                self.layers.xattr_ns.opaque_name(),
+                b"y",
+                0,
+                false,
+            )?;
+        }
+        if need_wh {
+            match sys::renameat2(up, &cname, up2, &cnew, libc::RENAME_WHITEOUT) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) => {
+                    sys::renameat2(up, &cname, up2, &cnew, 0)?;
+                    self.put_whiteout(up, &cname)?;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            sys::renameat2(up, &cname, up2, &cnew, 0)?;
+        }
+        let mut t = wlock(&self.table);
+        if let Some(old) = t.remove_name(newparent.ino, newname) {
+            if old.is_dir() {
+                lock(&old.state).dead = true;
+            }
+        }
+        t.remove_name(parent.ino, name);
+        t.add_name(src_inode, newparent.ino, newname);
+        drop(t);
+        self.moved_dir(src_inode, newparent, newname);
+        Ok(())
+    }
+
+    /// After a directory moved, rewrites its path and its descendants' paths.
+    fn moved_dir(&self, inode: &Inode, newparent: &Inode, newname: &OsStr) {
+        if !inode.is_dir() {
+            return;
+        }
+        let newpath = layers::join(&lock(&newparent.state).path, newname);
+        let oldpath = std::mem::replace(&mut lock(&inode.state).path, newpath.clone());
+        if oldpath == newpath {
+            return;
+        }
+        let prefix = {
+            let mut p = std::os::unix::ffi::OsStrExt::as_bytes(oldpath.as_os_str()).to_vec();
+            p.push(b'/');
+            p
+        };
+        let t = rlock(&self.table);
+        for other in t.map.values() {
+            if !other.is_dir() || other.ino == inode.ino {
+                continue;
+            }
+            let mut s = lock(&other.state);
+            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path.as_os_str());
+            if let Some(rest) = b.strip_prefix(prefix.as_slice()) {
+                let mut np = std::os::unix::ffi::OsStrExt::as_bytes(newpath.as_os_str()).to_vec();
+                np.push(b'/');
+                np.extend_from_slice(rest);
+                s.path = std::os::unix::ffi::OsStringExt::from_vec(np);
+            }
+        }
+    }
+
+    /// link(2): hard link `inode` as `newparent/newname` in the upper.
+    pub fn link(
+        &self,
+        inode: &Arc<Inode>,
+        newparent: &Arc<Inode>,
+        newname: &OsStr,
+    ) -> io::Result<()> {
+        whiteout::validate_new_name(newname).map_err(errno)?;
+        if inode.is_dir() {
+            return Err(errno(libc::EPERM));
+        }
+        self.copy_up(inode, true)?;
+        self.copy_up(newparent, true)?;
+        let (t, _) = self.target(inode)?;
+        let Target::At(sdir, sname) = t else {
+            return Err(errno(libc::EPERM));
+        };
+        let up2 = self.dir_fd(newparent, 0)?;
+        let up2 = up2.as_raw_fd();
+        let cnew = sys::cstr(newname)?;
+        match sys::fstatat(up2, &cnew) {
+            Ok(st) if whiteout::is_whiteout(&st) => {
+                let work = self.layers.work_fd()?;
+                let tmp = self.tmp_name();
+                sys::linkat(sdir.as_raw_fd(), &sname, work, &tmp)?;
+                if let Err(e) = sys::renameat2(work, &tmp, up2, &cnew, 0) {
+                    let _ = sys::unlinkat(work, &tmp, 0);
+                    return Err(e);
+                }
+            }
+            Ok(_) => return Err(errno(libc::EEXIST)),
+            Err(e) if is_enoent(&e) => sys::linkat(sdir.as_raw_fd(), &sname, up2, &cnew)?,
+            Err(e) => return Err(e),
+        }
+        let st = sys::fstatat(up2, &cnew)?;
+        let mut t = wlock(&self.table);
+        t.add_name(inode, newparent.ino, newname);
+        let key = (st.st_dev, st.st_ino);
+        t.upper_ids.insert(key, inode.ino);
+        lock(&inode.state).upper_id = Some(key);
+        inode.nlookup.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
