@@ -19,6 +19,7 @@
 mod e2e;
 
 use e2e::harness::{self, Precondition};
+use e2e::parity::Group;
 use e2e::plugin::Backend;
 use e2e::{parity, restart, util, walkthrough, Harness};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,7 +32,10 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![
         (
             "parity-oracle-selftest",
-            Box::new(|h: &Harness| parity::parity(h, None)),
+            Box::new(|h: &Harness| {
+                parity::parity(h, None, Group::Main)?;
+                parity::parity(h, None, Group::HardLinks)
+            }),
         ),
         (
             "walkthrough-kernel",
@@ -39,7 +43,11 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         ),
         (
             "parity-kernel",
-            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Kernel))),
+            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Kernel), Group::Main)),
+        ),
+        (
+            "parity-hardlinks-kernel",
+            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Kernel), Group::HardLinks)),
         ),
         (
             "restart-between-containers-kernel",
@@ -55,7 +63,11 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         ),
         (
             "parity-fuse",
-            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Fuse))),
+            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Fuse), Group::Main)),
+        ),
+        (
+            "parity-hardlinks-fuse",
+            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Fuse), Group::HardLinks)),
         ),
         (
             "restart-while-mounted-fuse",

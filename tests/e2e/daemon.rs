@@ -170,9 +170,13 @@ impl Dockerd {
         util::run(self.command().args(args), CLI_TIMEOUT)
     }
 
-    /// The last lines of dockerd's log.
+    /// The last lines of dockerd's log, without per-request debug chatter.
     pub fn log_tail(&self, n: usize) -> String {
-        util::tail(&self.log, n)
+        util::tail_filtered(
+            &self.log,
+            n,
+            &["msg=\"Calling ", "form data:", "sd notification", "[core]"],
+        )
     }
 
     /// Removes every container (with the plugin still up, so their volumes get their Unmount),

@@ -182,6 +182,10 @@ pub struct Harness {
     pub image: String,
     pid: u32,
     plugins_started: Cell<usize>,
+    /// Plugins of finished scenarios, kept running until teardown: dockerd remembers every
+    /// volume driver it has used and asks each one on `volume ls`, retrying a dead one for
+    /// ~30 s, so stopping them early would slow later scenarios down.
+    retired: RefCell<Vec<Plugin>>,
     torn_down: bool,
 }
 
@@ -208,6 +212,7 @@ impl Harness {
             image: String::new(),
             pid,
             plugins_started: Cell::new(0),
+            retired: RefCell::new(Vec::new()),
             torn_down: false,
         };
         // on error `h` drops here and tears everything down
@@ -248,7 +253,11 @@ impl Harness {
             return;
         }
         self.torn_down = true;
+        // containers go first (their Unmounts need the plugins), then dockerd, then plugins
         self.dockerd.stop();
+        for mut p in self.retired.borrow_mut().drain(..) {
+            p.stop();
+        }
         remove_sockets_of(self.pid);
         if std::env::var("CACHEDRIVER_E2E_KEEP").is_ok_and(|v| v == "1") {
             let left = util::unmount_below(&self.run_dir);
@@ -345,7 +354,10 @@ impl<'h> Scope<'h> {
     pub fn ensure_plugin_alive(&mut self) -> Result<()> {
         if let Some(p) = self.plugin.as_mut() {
             if !p.running() {
-                bail!("plugin {} is no longer running (crashed?); see its log", p.name);
+                bail!(
+                    "plugin {} is no longer running (crashed?); see its log",
+                    p.name
+                );
             }
         }
         Ok(())
@@ -471,7 +483,11 @@ impl<'h> Scope<'h> {
             }
         }
         if let Some(mut p) = self.plugin.take() {
-            p.stop();
+            if p.running() {
+                self.h.retired.borrow_mut().push(p);
+            } else {
+                p.stop();
+            }
         }
     }
 }

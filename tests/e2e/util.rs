@@ -202,6 +202,22 @@ pub fn tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// Like [`tail`], without lines containing any of `noise`.
+pub fn tail_filtered(path: &Path, n: usize, noise: &[&str]) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !noise.iter().any(|x| l.contains(x)))
+                .collect();
+            let from = lines.len().saturating_sub(n);
+            lines[from..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
 /// Whether process `pid` exists and its command line contains `needle` (guards against pid reuse
 /// before we signal a process recorded in a pid file).
 pub fn pid_matches(pid: i32, needle: &str) -> bool {

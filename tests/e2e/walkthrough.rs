@@ -55,11 +55,11 @@ pub fn walkthrough(h: &Harness, backend: Backend) -> Result<()> {
 fn walk(s: &Scope, h: &Harness, backend: Backend) -> Result<()> {
     let p = s.plugin();
     let name = p.name.clone();
-    let foo = |id: &str| s.vol(&format!("foo-{id}"));
+    let foo_vol = |id: &str| s.vol(&format!("foo-{id}"));
 
     // concurrent sessions, isolated while running
-    s.start("w-one", &foo("one"), "/cache", &[])?;
-    s.start("w-two", &foo("two"), "/cache", &[])?;
+    s.start("w-one", &foo_vol("one"), "/cache", &[])?;
+    s.start("w-two", &foo_vol("two"), "/cache", &[])?;
     s.exec_ok("w-one", "echo one > /cache/one.txt")?;
     s.exec_ok("w-two", "echo two > /cache/two.txt")?;
     let l1 = s.exec_ok("w-one", "ls -a /cache")?;
@@ -106,7 +106,7 @@ fn walk(s: &Scope, h: &Harness, backend: Backend) -> Result<()> {
     );
 
     // a new session sees one's work (and not two's, still running)
-    s.start("w-three", &foo("three"), "/cache", &[])?;
+    s.start("w-three", &foo_vol("three"), "/cache", &[])?;
     let l3 = s.exec_ok("w-three", "ls -a /cache; cat /cache/one.txt")?;
     expect_contains("foo-three's view after foo-one stopped", &l3, "one.txt")?;
     expect_contains("foo-three reading one.txt", &l3, "one\n")?;
@@ -137,7 +137,11 @@ fn walk(s: &Scope, h: &Harness, backend: Backend) -> Result<()> {
     )?;
     expect_parent(p, "foo", "two", Some("0"))?;
     let l4 = s
-        .sh(Some((&foo("four"), "/cache", false)), &[], "ls -a /cache")?
+        .sh(
+            Some((&foo_vol("four"), "/cache", false)),
+            &[],
+            "ls -a /cache",
+        )?
         .check()?
         .stdout;
     expect_contains("foo-four's view (replace)", &l4, "two.txt")?;
@@ -228,7 +232,11 @@ fn walk(s: &Scope, h: &Harness, backend: Backend) -> Result<()> {
     let st = s.status("foo-dis")?.to_string().to_lowercase();
     expect_contains("docker volume inspect foo-dis .Status", &st, "discard")?;
     let l6 = s
-        .sh(Some((&foo("five"), "/cache", false)), &[], "ls -a /cache")?
+        .sh(
+            Some((&foo_vol("five"), "/cache", false)),
+            &[],
+            "ls -a /cache",
+        )?
         .check()?
         .stdout;
     expect_lacks("view after a discarded session", &l6, "dis.txt")?;
