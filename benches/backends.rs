@@ -1,0 +1,1063 @@
+//! Backends benchmark (DESIGN.md §10): the same workloads on a native directory, kernel overlayfs, our FUSE
+//! union filesystem (`cachedriver fuse`), Debian's fuse-overlayfs 1.10 (C) and fuse-overlayfs 2.0.0 (the
+//! Rust rewrite from crates.io, installed once with `cargo install` into `<target>/fo2`; we only run it).
+//!
+//! One lower tree is built once (30k small files in deep dirs, 4 large files, two dirs of files to copy up
+//! and delete). Every measurement gets a fresh instance: a fresh mount with an empty upper dir, or for the
+//! native column a fresh copy of the dirs that get modified. Workloads: metadata walk cold (`sync`, drop
+//! caches, fresh mount) and warm, small-file read, large sequential read and write, small-file create,
+//! copy-up (append 1 byte to N lower files), delete (unlink N lower files). Repetitions are interleaved
+//! across backends; medians are printed as markdown tables (throughput, and speed as a fraction of the
+//! kernel's: kernel time / backend time) and written as JSON to `<target>/bench/backends.json`.
+//!
+//! Run as root: `cargo bench --bench backends`. Knobs (environment):
+//! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_REPS` (3), `BENCH_BACKENDS`
+//! (comma list of `native,kernel,fuse,fuse-overlayfs,fuse-overlayfs-2`), `BENCH_DIR` (scratch parent,
+//! default `<target>/bench`), `BENCH_JSON` (output path), `BENCH_NO_INSTALL=1` (do not `cargo install`
+//! fuse-overlayfs 2.0.0). Every mount is unmounted and the scratch dir removed on exit, on panic and on
+//! SIGINT/SIGTERM.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------------------
+// Configuration.
+
+struct Config {
+    reps: usize,
+    small_files: usize,
+    large_files: usize,
+    large_size: u64,
+    n_mut: usize,
+    n_create: usize,
+    backends: Vec<Kind>,
+    scratch_parent: PathBuf,
+    json: PathBuf,
+    install_fo2: bool,
+    target: PathBuf,
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn target_dir() -> PathBuf {
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(t);
+    }
+    // <target>/<profile>/deps/backends-HASH
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors()
+        .nth(3)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let scale = env_f64("BENCH_SCALE", 1.0).max(0.001);
+        let n = |base: f64| ((base * scale).round() as usize).max(10);
+        let target = target_dir();
+        let backends = match std::env::var("BENCH_BACKENDS") {
+            Ok(list) => list
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    Kind::parse(s.trim())
+                        .unwrap_or_else(|| panic!("BENCH_BACKENDS: unknown backend {s:?}"))
+                })
+                .collect(),
+            Err(_) => Kind::ALL.to_vec(),
+        };
+        let bench = target.join("bench");
+        Config {
+            reps: env_f64("BENCH_REPS", 3.0).max(1.0) as usize,
+            small_files: n(30_000.0),
+            large_files: 4,
+            large_size: ((256.0 * scale * MIB as f64) as u64).max(MIB),
+            n_mut: n(2_000.0),
+            n_create: n(5_000.0),
+            backends,
+            scratch_parent: std::env::var_os("BENCH_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| bench.clone()),
+            json: std::env::var_os("BENCH_JSON")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| bench.join("backends.json")),
+            install_fo2: std::env::var("BENCH_NO_INSTALL")
+                .map(|v| v != "1")
+                .unwrap_or(true),
+            target,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backends.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Native,
+    Kernel,
+    Fuse,
+    FuseOverlayfs,
+    FuseOverlayfs2,
+}
+
+impl Kind {
+    const ALL: [Kind; 5] = [
+        Kind::Native,
+        Kind::Kernel,
+        Kind::Fuse,
+        Kind::FuseOverlayfs,
+        Kind::FuseOverlayfs2,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Native => "native",
+            Kind::Kernel => "kernel",
+            Kind::Fuse => "fuse",
+            Kind::FuseOverlayfs => "fuse-overlayfs",
+            Kind::FuseOverlayfs2 => "fuse-overlayfs-2",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Native => "native dir",
+            Kind::Kernel => "kernel overlay",
+            Kind::Fuse => "cachedriver fuse",
+            Kind::FuseOverlayfs => "fuse-overlayfs 1.10 (C)",
+            Kind::FuseOverlayfs2 => "fuse-overlayfs 2.0.0 (Rust)",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// A backend that can be used, or why not.
+struct Backend {
+    kind: Kind,
+    /// The FUSE daemon to run.
+    bin: Option<PathBuf>,
+    missing: Option<String>,
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn cachedriver_bin() -> Result<PathBuf, String> {
+    // Cargo builds the package's binary for benches and tells us where it is.
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"));
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{} does not exist", p.display()))
+    }
+}
+
+fn fo2_bin(cfg: &Config) -> Result<PathBuf, String> {
+    let root = cfg.target.join("fo2");
+    let bin = root.join("bin/fuse-overlayfs");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    if !cfg.install_fo2 {
+        return Err(format!(
+            "{} not installed and BENCH_NO_INSTALL=1",
+            bin.display()
+        ));
+    }
+    eprintln!(
+        "bench: installing fuse-overlayfs 2.0.0 into {} (once) ...",
+        root.display()
+    );
+    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args([
+            "install",
+            "fuse-overlayfs",
+            "--version",
+            "2.0.0",
+            "--locked",
+            "--root",
+        ])
+        .arg(&root)
+        .env("CARGO_TARGET_DIR", cfg.target.join("fo2-build"))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cargo install: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(format!(
+            "cargo install fuse-overlayfs --version 2.0.0 failed: {}",
+            last.join(" / ")
+        ));
+    }
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "cargo install succeeded but {} is missing",
+            bin.display()
+        ))
+    }
+}
+
+fn resolve(kind: Kind, cfg: &Config) -> Backend {
+    let mut b = Backend {
+        kind,
+        bin: None,
+        missing: None,
+    };
+    let r: Result<Option<PathBuf>, String> = match kind {
+        Kind::Native => Ok(None),
+        Kind::Kernel => Ok(None),
+        Kind::Fuse => cachedriver_bin().map(Some),
+        Kind::FuseOverlayfs => which("fuse-overlayfs").map(Some).ok_or_else(|| {
+            "fuse-overlayfs not on PATH (apt-get install fuse-overlayfs)".to_string()
+        }),
+        Kind::FuseOverlayfs2 => fo2_bin(cfg).map(Some),
+    };
+    match r {
+        Ok(bin) => b.bin = bin,
+        Err(e) => b.missing = Some(e),
+    }
+    if matches!(
+        kind,
+        Kind::Fuse | Kind::FuseOverlayfs | Kind::FuseOverlayfs2
+    ) && !Path::new("/dev/fuse").exists()
+    {
+        b.missing = Some("/dev/fuse does not exist".into());
+    }
+    b
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Cleanup: every mount and the scratch dir are registered here and torn down on exit, panic or signal.
+
+struct Registry {
+    mounts: Vec<PathBuf>,
+    scratch: Option<PathBuf>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    mounts: Vec::new(),
+    scratch: None,
+});
+
+fn registry() -> std::sync::MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn cleanup_all() {
+    let (mounts, scratch) = {
+        let mut r = registry();
+        (std::mem::take(&mut r.mounts), r.scratch.take())
+    };
+    for m in mounts.iter().rev() {
+        if nix::mount::umount2(m, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    if let Some(s) = scratch {
+        let _ = fs::remove_dir_all(&s);
+    }
+}
+
+/// Removes everything on drop (normal exit and panics that unwind through `main`).
+struct CleanupGuard;
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        cleanup_all();
+    }
+}
+
+/// SIGINT/SIGTERM/SIGHUP are blocked in every thread and taken by one thread that cleans up and exits.
+fn install_signal_cleanup() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block().expect("block signals");
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("\nbench: {sig:?}: unmounting and removing scratch ...");
+            cleanup_all();
+            std::process::exit(130);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Mounting.
+
+fn fs_type(p: &Path) -> Option<i64> {
+    nix::sys::statfs::statfs(p)
+        .ok()
+        .map(|s| s.filesystem_type().0)
+}
+
+/// One fresh view of the lower tree: a mount with an empty upper, or a native directory.
+struct Instance {
+    dir: PathBuf,
+    view: PathBuf,
+    mounted: bool,
+    child: Option<Child>,
+    pidfile: Option<PathBuf>,
+}
+
+impl Instance {
+    fn new(
+        b: &Backend,
+        lower: &Path,
+        scratch: &Path,
+        seq: usize,
+        cfg: &Config,
+    ) -> io::Result<Instance> {
+        let dir = scratch.join(format!("inst-{}-{seq}", b.kind.name()));
+        fs::create_dir_all(&dir)?;
+        let mut inst = Instance {
+            view: dir.join("mnt"),
+            dir: dir.clone(),
+            mounted: false,
+            child: None,
+            pidfile: None,
+        };
+        fs::create_dir(&inst.view)?;
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        match b.kind {
+            Kind::Native => {
+                // Read-only parts are shared; the parts a workload modifies are fresh copies.
+                std::os::unix::fs::symlink(lower.join("tree"), inst.view.join("tree"))?;
+                std::os::unix::fs::symlink(lower.join("large"), inst.view.join("large"))?;
+                for d in ["cu", "del"] {
+                    copy_dir(&lower.join(d), &inst.view.join(d))?;
+                }
+                let _ = cfg;
+                return Ok(inst);
+            }
+            Kind::Kernel => {
+                fs::create_dir(&upper)?;
+                fs::create_dir(&work)?;
+                let kopts = format!("{opts},index=off,redirect_dir=off,metacopy=off");
+                registry().mounts.push(inst.view.clone());
+                inst.mounted = true;
+                nix::mount::mount(
+                    Some("overlay"),
+                    &inst.view,
+                    Some("overlay"),
+                    nix::mount::MsFlags::empty(),
+                    Some(kopts.as_str()),
+                )
+                .map_err(|e| io::Error::other(format!("mount -t overlay -o {kopts}: {e}")))?;
+                if fs_type(&inst.view) != Some(OVERLAYFS_SUPER_MAGIC) {
+                    return Err(io::Error::other("overlay mount did not appear"));
+                }
+            }
+            Kind::Fuse | Kind::FuseOverlayfs | Kind::FuseOverlayfs2 => {
+                fs::create_dir(&upper)?;
+                fs::create_dir(&work)?;
+                let bin = b.bin.as_ref().expect("resolved binary");
+                let mut cmd = Command::new(bin);
+                match b.kind {
+                    Kind::Fuse => {
+                        let pidfile = dir.join("pid");
+                        cmd.arg("fuse")
+                            .arg("-o")
+                            .arg(format!("{opts},pidfile={}", pidfile.display()));
+                        inst.pidfile = Some(pidfile);
+                    }
+                    // Both fuse-overlayfs daemonize by default; `-f` keeps the daemon our child to reap.
+                    _ => {
+                        cmd.arg("-f").arg("-o").arg(&opts);
+                    }
+                }
+                cmd.arg(&inst.view)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                registry().mounts.push(inst.view.clone());
+                inst.mounted = true;
+                let mut child = cmd.spawn()?;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    if fs_type(&inst.view) == Some(FUSE_SUPER_MAGIC) {
+                        break;
+                    }
+                    if let Some(status) = child.try_wait()? {
+                        if !status.success() || fs_type(&inst.view) != Some(FUSE_SUPER_MAGIC) {
+                            let mut err = String::new();
+                            if let Some(mut e) = child.stderr.take() {
+                                let _ = e.read_to_string(&mut err);
+                            }
+                            return Err(io::Error::other(format!(
+                                "{} exited with {status} without mounting: {}",
+                                bin.display(),
+                                err.trim()
+                            )));
+                        }
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(io::Error::other(format!(
+                            "{}: no mount within 30 s",
+                            bin.display()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Do not let a full stderr pipe block a foreground daemon.
+                drop(child.stderr.take());
+                inst.child = Some(child);
+            }
+        }
+        Ok(inst)
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.view.join(rel)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mut ok = false;
+            for _ in 0..100 {
+                match nix::mount::umount2(&self.view, nix::mount::MntFlags::empty()) {
+                    Ok(()) | Err(nix::errno::Errno::EINVAL) => {
+                        ok = true;
+                        break;
+                    }
+                    Err(nix::errno::Errno::EBUSY) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(_) => break,
+                }
+            }
+            if !ok {
+                let _ = nix::mount::umount2(&self.view, nix::mount::MntFlags::MNT_DETACH);
+            }
+            registry().mounts.retain(|m| m != &self.view);
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = self
+            .pidfile
+            .as_ref()
+            .and_then(|p| fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse().ok())
+        {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The lower tree.
+
+struct Tree {
+    lower: PathBuf,
+    small: Vec<String>,
+    small_bytes: u64,
+    entries: usize,
+    large: Vec<String>,
+}
+
+fn small_size(i: usize) -> usize {
+    100 + (i * 7919) % 4000
+}
+
+fn build_tree(cfg: &Config, scratch: &Path) -> io::Result<Tree> {
+    let lower = scratch.join("lower");
+    let t0 = Instant::now();
+    let mut small = Vec::with_capacity(cfg.small_files);
+    let mut small_bytes = 0;
+    let mut dirs = std::collections::BTreeSet::new();
+    let buf = vec![b'x'; 4200];
+    // 10 x 10 x 10 leaf dirs, four levels deep, files spread evenly.
+    for i in 0..cfg.small_files {
+        let leaf = i % 1000;
+        let rel = format!(
+            "tree/a{}/b{}/c{}/d/f{i}",
+            leaf / 100,
+            (leaf / 10) % 10,
+            leaf % 10
+        );
+        let p = lower.join(&rel);
+        let parent = p.parent().unwrap().to_path_buf();
+        if dirs.insert(parent.clone()) {
+            fs::create_dir_all(&parent)?;
+        }
+        let n = small_size(i);
+        fs::write(&p, &buf[..n])?;
+        small_bytes += n as u64;
+        small.push(rel);
+    }
+    // Every dir on the way counts as an entry of the walk too.
+    let mut all_dirs = std::collections::BTreeSet::new();
+    for d in &dirs {
+        let mut d = d.as_path();
+        while let Ok(rel) = d.strip_prefix(lower.join("tree")) {
+            if rel.as_os_str().is_empty() {
+                break;
+            }
+            all_dirs.insert(rel.to_path_buf());
+            d = d.parent().unwrap();
+        }
+    }
+    let entries = small.len() + all_dirs.len();
+    fs::create_dir_all(lower.join("large"))?;
+    let mut large = Vec::new();
+    let chunk: Vec<u8> = (0..MIB as usize).map(|i| (i * 31 % 251) as u8).collect();
+    for i in 0..cfg.large_files {
+        let rel = format!("large/big{i}");
+        let mut f = File::create(lower.join(&rel))?;
+        let mut left = cfg.large_size;
+        while left > 0 {
+            let n = left.min(MIB) as usize;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        large.push(rel);
+    }
+    for d in ["cu", "del"] {
+        fs::create_dir_all(lower.join(d))?;
+        for i in 0..cfg.n_mut {
+            fs::write(lower.join(format!("{d}/f{i}")), &buf[..1024])?;
+        }
+    }
+    nix::unistd::sync();
+    eprintln!(
+        "bench: lower tree: {} small files ({} MiB) in {} dirs, {} x {} MiB large, 2 x {} mutable; built in {:.1} s",
+        small.len(),
+        small_bytes / MIB,
+        all_dirs.len(),
+        large.len(),
+        cfg.large_size / MIB,
+        cfg.n_mut,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Tree {
+        lower,
+        small,
+        small_bytes,
+        entries,
+        large,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Workloads.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    WalkCold,
+    WalkWarm,
+    SmallRead,
+    LargeRead,
+    LargeWrite,
+    SmallCreate,
+    CopyUp,
+    Delete,
+}
+
+impl Workload {
+    const ALL: [Workload; 8] = [
+        Workload::WalkCold,
+        Workload::WalkWarm,
+        Workload::SmallRead,
+        Workload::LargeRead,
+        Workload::LargeWrite,
+        Workload::SmallCreate,
+        Workload::CopyUp,
+        Workload::Delete,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::WalkCold => "walk_cold",
+            Workload::WalkWarm => "walk_warm",
+            Workload::SmallRead => "small_read",
+            Workload::LargeRead => "large_read",
+            Workload::LargeWrite => "large_write",
+            Workload::SmallCreate => "small_create",
+            Workload::CopyUp => "copy_up",
+            Workload::Delete => "delete",
+        }
+    }
+
+    fn describe(self, cfg: &Config) -> String {
+        match self {
+            Workload::WalkCold => format!(
+                "metadata walk, cold ({} entries, caches dropped)",
+                cfg.small_files
+            ),
+            Workload::WalkWarm => format!("metadata walk, warm ({} entries)", cfg.small_files),
+            Workload::SmallRead => format!("small-file read ({} files)", cfg.small_files),
+            Workload::LargeRead => format!(
+                "large sequential read ({} x {} MiB)",
+                cfg.large_files,
+                cfg.large_size / MIB
+            ),
+            Workload::LargeWrite => format!(
+                "large sequential write ({} MiB + fsync)",
+                cfg.large_size / MIB
+            ),
+            Workload::SmallCreate => format!("small-file create ({} x 1 KiB)", cfg.n_create),
+            Workload::CopyUp => format!("copy-up (append 1 byte to {} lower files)", cfg.n_mut),
+            Workload::Delete => format!("delete ({} lower files)", cfg.n_mut),
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Workload::WalkCold | Workload::WalkWarm => "entries/s",
+            Workload::LargeRead | Workload::LargeWrite => "MiB/s",
+            _ => "files/s",
+        }
+    }
+}
+
+/// Recursive readdir + lstat; returns the number of entries seen.
+fn walk(p: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    for e in fs::read_dir(p)? {
+        let e = e?;
+        let md = fs::symlink_metadata(e.path())?;
+        n += 1;
+        if md.is_dir() {
+            n += walk(&e.path())?;
+        }
+    }
+    Ok(n)
+}
+
+fn drop_caches() -> io::Result<()> {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3")
+}
+
+/// Runs one workload on a fresh instance; returns (seconds, amount in the workload's unit numerator).
+fn run_once(
+    w: Workload,
+    b: &Backend,
+    tree: &Tree,
+    cfg: &Config,
+    scratch: &Path,
+    seq: usize,
+) -> io::Result<(f64, f64)> {
+    if w == Workload::WalkCold {
+        drop_caches()?;
+    }
+    if w == Workload::LargeRead {
+        // The lower's page cache is warm for every backend alike: we measure the union layer, not the disk.
+        for rel in &tree.large {
+            read_all(&tree.lower.join(rel), &mut vec![0u8; MIB as usize])?;
+        }
+    }
+    let inst = Instance::new(b, &tree.lower, scratch, seq, cfg)?;
+    if w == Workload::WalkWarm {
+        walk(&inst.p("tree"))?;
+    }
+    let mut buf = vec![0u8; MIB as usize];
+    let t0 = Instant::now();
+    let amount = match w {
+        Workload::WalkCold | Workload::WalkWarm => {
+            let n = walk(&inst.p("tree"))?;
+            check(n == tree.entries, || {
+                format!("walk saw {n} entries, expected {}", tree.entries)
+            })?;
+            n as f64
+        }
+        Workload::SmallRead => {
+            let mut total = 0u64;
+            for rel in &tree.small {
+                total += read_all(&inst.p(rel), &mut buf)?;
+            }
+            check(total == tree.small_bytes, || {
+                format!("read {total} bytes, expected {}", tree.small_bytes)
+            })?;
+            tree.small.len() as f64
+        }
+        Workload::LargeRead => {
+            let mut total = 0u64;
+            for rel in &tree.large {
+                total += read_all(&inst.p(rel), &mut buf)?;
+            }
+            check(total == cfg.large_size * tree.large.len() as u64, || {
+                format!("read {total} bytes")
+            })?;
+            total as f64 / MIB as f64
+        }
+        Workload::LargeWrite => {
+            let mut f = File::create(inst.p("newbig"))?;
+            buf.fill(0x5a);
+            let mut left = cfg.large_size;
+            while left > 0 {
+                let n = left.min(MIB) as usize;
+                f.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()?;
+            cfg.large_size as f64 / MIB as f64
+        }
+        Workload::SmallCreate => {
+            let data = [b'c'; 1024];
+            for d in 0..cfg.n_create.div_ceil(100) {
+                fs::create_dir(inst.p(&format!("new{d}")))?;
+            }
+            for i in 0..cfg.n_create {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(inst.p(&format!("new{}/f{i}", i / 100)))?;
+                f.write_all(&data)?;
+            }
+            cfg.n_create as f64
+        }
+        Workload::CopyUp => {
+            for i in 0..cfg.n_mut {
+                OpenOptions::new()
+                    .append(true)
+                    .open(inst.p(&format!("cu/f{i}")))?
+                    .write_all(b"+")?;
+            }
+            cfg.n_mut as f64
+        }
+        Workload::Delete => {
+            for i in 0..cfg.n_mut {
+                fs::remove_file(inst.p(&format!("del/f{i}")))?;
+            }
+            cfg.n_mut as f64
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    // Verify outside the timing.
+    match w {
+        Workload::CopyUp => {
+            let n = fs::metadata(inst.p("cu/f0"))?.len();
+            check(n == 1025, || format!("copy-up: cu/f0 has {n} bytes"))?;
+        }
+        Workload::Delete => {
+            let left = fs::read_dir(inst.p("del"))?.count();
+            check(left == 0, || format!("delete: {left} names left"))?;
+        }
+        _ => {}
+    }
+    drop(inst);
+    Ok((secs, amount))
+}
+
+fn check(ok: bool, msg: impl FnOnce() -> String) -> io::Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("wrong result: {}", msg())))
+    }
+}
+
+fn read_all(p: &Path, buf: &mut [u8]) -> io::Result<u64> {
+    let mut f = File::open(p)?;
+    let mut total = 0u64;
+    loop {
+        let n = f.read(buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Reporting.
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Results {
+    /// (workload, backend) -> seconds per repetition
+    secs: BTreeMap<(&'static str, &'static str), Vec<f64>>,
+    amount: BTreeMap<&'static str, f64>,
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn report(
+    cfg: &Config,
+    backends: &[Backend],
+    res: &Results,
+    started: Instant,
+) -> serde_json::Value {
+    let cols: Vec<&Backend> = backends.iter().collect();
+    let mut md = String::new();
+    let header = |md: &mut String, first: &str| {
+        md.push_str(&format!("| {first} |"));
+        for b in &cols {
+            md.push_str(&format!(" {} |", b.kind.label()));
+        }
+        md.push_str("\n|---|");
+        for _ in &cols {
+            md.push_str("---:|");
+        }
+        md.push('\n');
+    };
+    md.push_str("\n### Throughput (median)\n\n");
+    header(&mut md, "workload");
+    let mut json_work = serde_json::Map::new();
+    for w in Workload::ALL {
+        let mut jw = serde_json::Map::new();
+        let kernel_med = res
+            .secs
+            .get(&(w.name(), "kernel"))
+            .filter(|v| !v.is_empty())
+            .map(|v| median(v));
+        md.push_str(&format!("| {} ({}) |", w.describe(cfg), w.unit()));
+        for b in &cols {
+            match res
+                .secs
+                .get(&(w.name(), b.kind.name()))
+                .filter(|v| !v.is_empty())
+            {
+                Some(v) => {
+                    let m = median(v);
+                    let rate = res.amount[w.name()] / m;
+                    md.push_str(&format!(" {} |", fmt_rate(rate)));
+                    jw.insert(
+                        b.kind.name().into(),
+                        serde_json::json!({
+                            "median_s": m,
+                            "samples_s": v,
+                            "throughput": rate,
+                            "unit": w.unit(),
+                            "speed_vs_kernel": kernel_med.map(|k| k / m),
+                        }),
+                    );
+                }
+                None => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+        json_work.insert(w.name().into(), serde_json::Value::Object(jw));
+    }
+    md.push_str("\n### Speed as a fraction of the kernel backend (kernel time / backend time; 1.00 = kernel)\n\n");
+    header(&mut md, "workload");
+    for w in Workload::ALL {
+        md.push_str(&format!("| {} |", w.name()));
+        let kernel_med = res
+            .secs
+            .get(&(w.name(), "kernel"))
+            .filter(|v| !v.is_empty())
+            .map(|v| median(v));
+        for b in &cols {
+            let m = res
+                .secs
+                .get(&(w.name(), b.kind.name()))
+                .filter(|v| !v.is_empty())
+                .map(|v| median(v));
+            match (kernel_med, m) {
+                (Some(k), Some(m)) => md.push_str(&format!(" {:.2} |", k / m)),
+                _ => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+    }
+    let missing: Vec<String> = backends
+        .iter()
+        .filter_map(|b| {
+            b.missing
+                .as_ref()
+                .map(|m| format!("- {}: {m}", b.kind.label()))
+        })
+        .collect();
+    if !missing.is_empty() {
+        md.push_str("\nMissing columns:\n");
+        md.push_str(&missing.join("\n"));
+        md.push('\n');
+    }
+    println!("{md}");
+    let uname = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    serde_json::json!({
+        "kernel": uname,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "config": {
+            "reps": cfg.reps,
+            "small_files": cfg.small_files,
+            "large_files": cfg.large_files,
+            "large_size_bytes": cfg.large_size,
+            "n_mut": cfg.n_mut,
+            "n_create": cfg.n_create,
+        },
+        "backends": backends.iter().map(|b| serde_json::json!({
+            "name": b.kind.name(),
+            "label": b.kind.label(),
+            "missing": b.missing,
+        })).collect::<Vec<_>>(),
+        "workloads": json_work,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "markdown": md,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs us without it: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!(
+            "backends bench: run with `cargo bench --bench backends` (skipping under `cargo test`)"
+        );
+        return;
+    }
+    let cfg = Config::from_env();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("\n******** backends bench SKIPPED: needs root (mounts, drop_caches) ********\n");
+        if std::env::var("CI").map(|v| v == "true").unwrap_or(false)
+            || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
+        {
+            std::process::exit(1);
+        }
+        return;
+    }
+    install_signal_cleanup();
+    let started = Instant::now();
+    let _cleanup = CleanupGuard;
+    fs::create_dir_all(&cfg.scratch_parent).expect("bench dir");
+    let scratch = tempfile::Builder::new()
+        .prefix("scratch-")
+        .tempdir_in(&cfg.scratch_parent)
+        .expect("scratch")
+        .keep();
+    registry().scratch = Some(scratch.clone());
+
+    let mut backends: Vec<Backend> = cfg.backends.iter().map(|k| resolve(*k, &cfg)).collect();
+    for b in &backends {
+        match &b.missing {
+            Some(m) => eprintln!("bench: {}: MISSING: {m}", b.kind.label()),
+            None => eprintln!(
+                "bench: {}: {}",
+                b.kind.label(),
+                b.bin
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    let tree = build_tree(&cfg, &scratch).expect("build lower tree");
+    let mut res = Results {
+        secs: BTreeMap::new(),
+        amount: BTreeMap::new(),
+    };
+    let mut seq = 0;
+    for w in Workload::ALL {
+        let t0 = Instant::now();
+        for _rep in 0..cfg.reps {
+            for b in backends.iter_mut() {
+                if b.missing.is_some() {
+                    continue;
+                }
+                seq += 1;
+                match run_once(w, b, &tree, &cfg, &scratch, seq) {
+                    Ok((secs, amount)) => {
+                        res.secs
+                            .entry((w.name(), b.kind.name()))
+                            .or_default()
+                            .push(secs);
+                        res.amount.insert(w.name(), amount);
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "bench: {} failed {}: {e}; dropping this column",
+                            b.kind.label(),
+                            w.name()
+                        );
+                        b.missing = Some(format!("failed in {}: {e}", w.name()));
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "bench: {} done in {:.1} s",
+            w.name(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let json = report(&cfg, &backends, &res, started);
+    if let Some(parent) = cfg.json.parent() {
+        fs::create_dir_all(parent).expect("json dir");
+    }
+    fs::write(&cfg.json, serde_json::to_string_pretty(&json).unwrap()).expect("write json");
+    eprintln!(
+        "bench: wrote {} ({:.0} s total)",
+        cfg.json.display(),
+        started.elapsed().as_secs_f64()
+    );
+}
