@@ -907,7 +907,8 @@ impl Filesystem for UnionFs {
         let res = (|| {
             let bname = std::os::unix::ffi::OsStrExt::as_bytes(name);
             if whiteout::is_private_xattr(bname) {
-                return Err(errno(libc::EOPNOTSUPP));
+                // Hidden, as kernel overlayfs hides its own.
+                return Err(errno(libc::ENODATA));
             }
             let (p, follow) = self.xattr_target(ino.0)?.xattr_path();
             sys::getxattr(&p, &sys::cstr(name)?, follow)

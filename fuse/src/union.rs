@@ -777,8 +777,9 @@ impl Union {
             Err(e) if is_enoent(&e) => {}
             Err(e) => return Err(e),
         }
-        if src_dir && self.lower_has(newparent, &cnew)? {
-            // Lower content under the new name must not show through the moved directory.
+        if src_dir && (self.stack(newparent)?.len() > 1 || self.lower_has(newparent, &cnew)?) {
+            // Lower content under the new name must not show through the moved directory (the
+            // kernel marks a directory moved into a merged parent opaque for the same reason).
             sys::setxattr(
                 &sys::proc_path(up, Some(&cname)),
                 self.layers.xattr_ns.opaque_name(),
