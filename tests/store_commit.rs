@@ -61,12 +61,25 @@ impl Fixture {
     fn new(kind: BackendKind, mode: CommitMode) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let driver = Self::driver_at(dir.path(), kind, mode);
-        Fixture { dir, driver, kind, mode }
+        Fixture {
+            dir,
+            driver,
+            kind,
+            mode,
+        }
     }
 
     fn driver_at(root: &Path, kind: BackendKind, mode: CommitMode) -> Driver {
         let store = Store::open(root).expect("store");
-        Driver::new(store, Config { backend: kind, commit: mode, exe: exe() }).expect("driver")
+        Driver::new(
+            store,
+            Config {
+                backend: kind,
+                commit: mode,
+                exe: exe(),
+            },
+        )
+        .expect("driver")
     }
 
     /// A second driver on the same root, as after a plugin restart.
@@ -79,7 +92,10 @@ impl Fixture {
     }
 
     fn create(&self, name: &str, opts: &[(&str, &str)]) {
-        let o: BTreeMap<String, String> = opts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let o: BTreeMap<String, String> = opts
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.driver.create(name, &o).expect("create");
     }
 
@@ -92,9 +108,16 @@ impl Fixture {
     }
 
     fn latest(&self, cache: &str) -> String {
-        let s: serde_json::Value =
-            serde_json::from_slice(&fs::read(self.root().join("lower").join(cache).join("cache-state.json")).expect("state"))
-                .expect("json");
+        let s: serde_json::Value = serde_json::from_slice(
+            &fs::read(
+                self.root()
+                    .join("lower")
+                    .join(cache)
+                    .join("cache-state.json"),
+            )
+            .expect("state"),
+        )
+        .expect("json");
         s["state"]["latest"].as_str().expect("latest").to_string()
     }
 }
@@ -150,7 +173,10 @@ fn walkthrough_replace_last_to_stop_wins() {
         fx.create("foo-four", &[]);
         let four = fx.mount("foo-four", "c4");
         assert!(four.join("two.txt").exists());
-        assert!(!four.join("one.txt").exists(), "replace: the last to stop wins wholesale");
+        assert!(
+            !four.join("one.txt").exists(),
+            "replace: the last to stop wins wholesale"
+        );
         fx.unmount("foo-four", "c4");
     });
 }
@@ -171,7 +197,11 @@ fn merge_keeps_concurrent_writers() {
         fx.create("m-c", &[]);
         let c = fx.mount("m-c", "3");
         assert!(c.join("a.txt").exists() && c.join("b.txt").exists());
-        assert_eq!(fs::read_to_string(c.join("same.txt")).unwrap(), "from b", "last to stop wins per path");
+        assert_eq!(
+            fs::read_to_string(c.join("same.txt")).unwrap(),
+            "from b",
+            "last to stop wins per path"
+        );
         fx.unmount("m-c", "3");
     });
 }
@@ -202,13 +232,20 @@ fn docker_cp_mount_sequence_is_counted() {
         fs::write(m.join("copied"), "2").unwrap();
         fx.unmount("cp-run", "X");
         assert_eq!(fx.latest("cp"), "0", "still running: nothing committed");
-        assert_eq!(fs::read_to_string(m.join("before")).unwrap(), "1", "view still mounted");
+        assert_eq!(
+            fs::read_to_string(m.join("before")).unwrap(),
+            "1",
+            "view still mounted"
+        );
         // A second container shares the view.
         let m2 = fx.mount("cp-run", "Y");
         assert_eq!(m, m2);
         fx.unmount("cp-run", "X"); // container X stops
         assert_eq!(fx.latest("cp"), "0", "Y still holds the session");
-        assert!(fx.driver.unmount("cp-run", "X").is_err(), "X has no mounts left");
+        assert!(
+            fx.driver.unmount("cp-run", "X").is_err(),
+            "X has no mounts left"
+        );
         fx.unmount("cp-run", "Y");
         assert_eq!(fx.latest("cp"), "run");
         let layer = fx.root().join("lower/cp/run");
@@ -231,7 +268,11 @@ fn registry_and_sessions_survive_a_restart() {
         assert_eq!(before.status, after.status);
         assert_eq!(fx.driver.list().unwrap().len(), 2);
         assert_eq!(fx.driver.path("r-one").unwrap(), Some(m.clone()));
-        assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "x", "view survived");
+        assert_eq!(
+            fs::read_to_string(m.join("f")).unwrap(),
+            "x",
+            "view survived"
+        );
         fx.unmount("r-one", "A");
         assert_eq!(fx.latest("r"), "one");
     }
@@ -247,13 +288,22 @@ fn empty_session_commits_nothing_but_root_attrs_do() {
         // A non-root build chowns its cache root: that change must persist, and the next
         // session's root must show it (the merged root shows the upper root).
         let m = fx.mount("e-a", "2");
-        std::os::unix::fs::chown(&m, Some(1000), Some(1000)).unwrap();
+        // `unshare -Urm` maps only uid 0; elsewhere use a real non-root owner.
+        let owner = if cachedriver::fsutil::in_user_namespace() {
+            0
+        } else {
+            1000
+        };
+        std::os::unix::fs::chown(&m, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&m, fs::Permissions::from_mode(0o750)).unwrap();
         fx.unmount("e-a", "2");
         assert_eq!(fx.latest("e"), "a");
         let m = fx.mount("e-a", "3");
         let md = fs::metadata(&m).unwrap();
-        assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (1000, 1000, 0o750));
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (owner, owner, 0o750)
+        );
         fx.unmount("e-a", "3");
     });
 }
@@ -270,7 +320,8 @@ fn taken_layer_names_get_a_suffix() {
         }
         assert_eq!(fx.latest("t"), "same.2");
         let s: serde_json::Value =
-            serde_json::from_slice(&fs::read(fx.root().join("lower/t/cache-state.json")).unwrap()).unwrap();
+            serde_json::from_slice(&fs::read(fx.root().join("lower/t/cache-state.json")).unwrap())
+                .unwrap();
         assert_eq!(s["layers"]["same.2"]["parent"], "same.1");
         assert_eq!(s["layers"]["same.1"]["parent"], "same");
         assert_eq!(s["format"], 2);
@@ -284,13 +335,21 @@ fn seed_cache_reads_as_one_layer() {
         fs::create_dir_all(cache.join("three/sub")).unwrap();
         fs::write(cache.join("three/sub/artifact.jar"), "jar").unwrap();
         fs::create_dir_all(cache.join("0")).unwrap();
-        fs::write(cache.join("cache-state.json"), r#"{"state":{"latest":"three"}}"#).unwrap();
+        fs::write(
+            cache.join("cache-state.json"),
+            r#"{"state":{"latest":"three"}}"#,
+        )
+        .unwrap();
         fx.create("seed-four", &[]);
         let m = fx.mount("seed-four", "1");
-        assert_eq!(fs::read_to_string(m.join("sub/artifact.jar")).unwrap(), "jar");
+        assert_eq!(
+            fs::read_to_string(m.join("sub/artifact.jar")).unwrap(),
+            "jar"
+        );
         fs::write(m.join("new"), "n").unwrap();
         fx.unmount("seed-four", "1");
-        let s: serde_json::Value = serde_json::from_slice(&fs::read(cache.join("cache-state.json")).unwrap()).unwrap();
+        let s: serde_json::Value =
+            serde_json::from_slice(&fs::read(cache.join("cache-state.json")).unwrap()).unwrap();
         assert_eq!(s["state"]["latest"], "four");
         assert_eq!(s["layers"]["four"]["parent"], "three");
     });
@@ -327,7 +386,10 @@ fn symlinks_in_an_upper_are_committed_not_followed() {
         std::os::unix::fs::symlink("/etc/passwd", m.join("passwd")).unwrap();
         fx.unmount("sym-a", "1");
         let layer = fx.root().join("lower/sym/a");
-        assert!(fs::symlink_metadata(layer.join("escape")).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(layer.join("escape"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
         let (_, entries) = cachedriver::fsutil::tree_usage(&layer);
         assert_eq!(entries, 2, "the walk did not follow the symlink into /etc");
         let listing = cachedriver::ls::render(fx.driver.store()).unwrap();
@@ -366,19 +428,79 @@ fn bad_requests_get_an_err_and_change_nothing() {
             (Endpoint::Create, "{", 400, "bad request"),
             (Endpoint::Create, "", 400, "needs a JSON body"),
             (Endpoint::Create, r#"{"Name":5}"#, 400, "invalid type"),
-            (Endpoint::Create, r#"{"Name":"x-y","Opts":{"commit":3}}"#, 400, "invalid type"),
-            (Endpoint::Create, r#"{"Name":"../../etc-x"}"#, 400, "m2-job41"),
-            (Endpoint::Create, r#"{"Name":"noseparator"}"#, 400, "m2-job41"),
-            (Endpoint::Create, r#"{"Name":"a-b","Opts":{"cache":"../x"}}"#, 400, "m2-job41"),
-            (Endpoint::Create, r#"{"Name":"a-b","Opts":{"bogus":"1"}}"#, 400, "cache, commit"),
-            (Endpoint::Create, r#"{"Name":"a-b","Opts":{"commit":"sometimes"}}"#, 400, "commit=merge"),
-            (Endpoint::Create, r#"{"Name":"bad-ok","Opts":{"commit":"merge"}}"#, 409, "already exists"),
-            (Endpoint::Create, r#"{"Name":"other","Opts":{"cache":"bad"}}"#, 200, ""),
-            (Endpoint::Mount, r#"{"Name":"nope-x","ID":"1"}"#, 404, "no such volume"),
-            (Endpoint::Mount, r#"{"Name":"a/b-c","ID":"1"}"#, 400, "m2-job41"),
-            (Endpoint::Path, r#"{"Name":"nope-x"}"#, 404, "no such volume"),
+            (
+                Endpoint::Create,
+                r#"{"Name":"x-y","Opts":{"commit":3}}"#,
+                400,
+                "invalid type",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"../../etc-x"}"#,
+                400,
+                "m2-job41",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"noseparator"}"#,
+                400,
+                "m2-job41",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"a-b","Opts":{"cache":"../x"}}"#,
+                400,
+                "m2-job41",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"a-b","Opts":{"bogus":"1"}}"#,
+                400,
+                "cache, commit",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"a-b","Opts":{"commit":"sometimes"}}"#,
+                400,
+                "commit=merge",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"bad-ok","Opts":{"commit":"merge"}}"#,
+                409,
+                "already exists",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"Name":"other","Opts":{"cache":"bad"}}"#,
+                200,
+                "",
+            ),
+            (
+                Endpoint::Mount,
+                r#"{"Name":"nope-x","ID":"1"}"#,
+                404,
+                "no such volume",
+            ),
+            (
+                Endpoint::Mount,
+                r#"{"Name":"a/b-c","ID":"1"}"#,
+                400,
+                "m2-job41",
+            ),
+            (
+                Endpoint::Path,
+                r#"{"Name":"nope-x"}"#,
+                404,
+                "no such volume",
+            ),
             (Endpoint::Get, r#"{"Name":"nope-x"}"#, 404, "no such volume"),
-            (Endpoint::Unmount, r#"{"Name":"bad-ok","ID":"stranger"}"#, 409, "not mounted by ID"),
+            (
+                Endpoint::Unmount,
+                r#"{"Name":"bad-ok","ID":"stranger"}"#,
+                409,
+                "not mounted by ID",
+            ),
             (Endpoint::Remove, r#"{"Name":"bad-ok"}"#, 409, "in use"),
         ];
         for (ep, body, status, needle) in cases {
@@ -392,7 +514,11 @@ fn bad_requests_get_an_err_and_change_nothing() {
                 fx.driver.remove("other").unwrap();
             }
         }
-        assert_eq!(before, durable_state(fx.root()), "bad requests changed nothing");
+        assert_eq!(
+            before,
+            durable_state(fx.root()),
+            "bad requests changed nothing"
+        );
         let r = protocol::handle(&fx.driver, Endpoint::List, b"");
         assert_eq!(r.status, 200, "Podman's empty List body is fine");
         let r = protocol::handle(&fx.driver, Endpoint::Activate, b"");
@@ -422,8 +548,76 @@ fn concurrent_sessions_across_and_within_caches() {
             let name = format!("{cache}-check");
             fx.create(&name, &[]);
             let m = fx.mount(&name, "id");
-            assert_eq!(fs::read_dir(&m).unwrap().count(), 20, "merge kept every writer of {cache}");
+            assert_eq!(
+                fs::read_dir(&m).unwrap().count(),
+                20,
+                "merge kept every writer of {cache}"
+            );
             fx.unmount(&name, "id");
         }
+    });
+}
+
+/// Set in the inner run of [`rootless_inside_a_user_namespace`].
+const INNER: &str = "CACHEDRIVER_TEST_IN_USERNS";
+
+#[test]
+fn rootless_inside_a_user_namespace() {
+    if std::env::var_os(INNER).is_some() {
+        return; // the inner run executes the selected tests themselves
+    }
+    if backends().is_empty() {
+        return;
+    }
+    let self_exe = std::env::current_exe().expect("test binary");
+    for test in [
+        "walkthrough_replace_last_to_stop_wins",
+        "merge_keeps_concurrent_writers",
+        "docker_cp_mount_sequence_is_counted",
+        "empty_session_commits_nothing_but_root_attrs_do",
+        "user_namespace_stores_use_user_xattrs",
+    ] {
+        let out = std::process::Command::new("unshare")
+            .args(["-Urm", "--propagation", "private", "--"])
+            .arg(&self_exe)
+            .args(["--exact", test, "--test-threads=1", "--nocapture"])
+            .env(INNER, "1")
+            .output()
+            .expect("running unshare");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{test} inside `unshare -Urm` failed:\n{text}"
+        );
+        assert!(
+            text.contains("1 passed"),
+            "{test} did not run inside the namespace:\n{text}"
+        );
+        assert!(
+            text.contains("-- backend kernel"),
+            "{test}: kernel backend did not run rootless:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn user_namespace_stores_use_user_xattrs() {
+    if std::env::var_os(INNER).is_none() {
+        // Runs only inside the namespace, where the store must pick user.overlay.* markers.
+        return;
+    }
+    each(CommitMode::Replace, |fx| {
+        fx.create("ns-a", &[]);
+        let m = fx.mount("ns-a", "1");
+        fs::write(m.join("f"), "x").unwrap();
+        fx.unmount("ns-a", "1");
+        let s: serde_json::Value =
+            serde_json::from_slice(&fs::read(fx.root().join("lower/ns/cache-state.json")).unwrap())
+                .unwrap();
+        assert_eq!(s["xattr"], "user");
     });
 }

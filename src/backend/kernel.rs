@@ -3,7 +3,7 @@
 //! `lowerdir+` adds one layer per call, so chains are limited by the kernel's 500 layers rather
 //! than by the one-page option string of mount(2); the classic string is the fallback for
 //! kernels before 6.8. `index=off,redirect_dir=off,metacopy=off` keep the upper dir valid as a
-//! lower layer later; `userxattr` is needed inside a user namespace.
+//! lower layer later; `userxattr` (with `redirect_dir=nofollow`) inside a user namespace.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -113,6 +113,16 @@ impl FsContext {
     }
 }
 
+/// `redirect_dir=off` still *follows* redirects, which the kernel refuses together with
+/// `userxattr`; `nofollow` neither creates nor follows them, and our layers never hold any.
+fn redirect_dir(userxattr: bool) -> &'static [u8] {
+    if userxattr {
+        b"nofollow"
+    } else {
+        b"off"
+    }
+}
+
 fn mount_new_api(
     spec: &MountSpec<'_>,
     userxattr: bool,
@@ -126,7 +136,7 @@ fn mount_new_api(
         ctx.set("upperdir", spec.upper.as_os_str().as_bytes())?;
         ctx.set("workdir", spec.work.as_os_str().as_bytes())?;
         ctx.set("index", b"off")?;
-        ctx.set("redirect_dir", b"off")?;
+        ctx.set("redirect_dir", redirect_dir(userxattr))?;
         ctx.set("metacopy", b"off")?;
         if userxattr {
             ctx.call(FSCONFIG_SET_FLAG, Some("userxattr"), None, "userxattr")?;
@@ -188,7 +198,8 @@ fn mount_classic(spec: &MountSpec<'_>, userxattr: bool) -> Result<()> {
     opts.extend_from_slice(spec.upper.as_os_str().as_bytes());
     opts.extend_from_slice(b",workdir=");
     opts.extend_from_slice(spec.work.as_os_str().as_bytes());
-    opts.extend_from_slice(b",index=off,redirect_dir=off,metacopy=off");
+    opts.extend_from_slice(b",index=off,metacopy=off,redirect_dir=");
+    opts.extend_from_slice(redirect_dir(userxattr));
     if userxattr {
         opts.extend_from_slice(b",userxattr");
     }
