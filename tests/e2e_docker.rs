@@ -96,30 +96,33 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Prints the tails of dockerd's and the scenario plugins' logs.
+/// Prints the tails of dockerd's and the failed scenario's plugin log (up to where the
+/// scenario's cleanup began, when known).
 fn print_logs(h: &Harness) {
+    let marks = h.log_marks.borrow().clone();
     println!(
         "--- dockerd log tail ({}) ---\n{}",
         h.dockerd.log.display(),
-        h.dockerd.log_tail(25)
+        h.dockerd
+            .log_tail(marks.as_ref().map(|m| m.dockerd_end), 25)
     );
-    let plugins = h.run_dir.join("plugins");
-    if let Ok(rd) = std::fs::read_dir(&plugins) {
-        let mut dirs: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-        dirs.sort();
-        // the most recently started plugin is the failing scenario's
-        if let Some(d) = dirs.iter().max_by_key(|d| {
-            std::fs::metadata(d.join("plugin.log"))
-                .and_then(|m| m.modified())
-                .ok()
-        }) {
-            let log = d.join("plugin.log");
-            println!(
-                "--- plugin log tail ({}) ---\n{}",
-                log.display(),
-                util::tail(&log, 40)
-            );
-        }
+    let plugin = marks.and_then(|m| m.plugin).or_else(|| {
+        // no scope got as far as cleanup: show the most recently written plugin log
+        let rd = std::fs::read_dir(h.run_dir.join("plugins")).ok()?;
+        let log = rd
+            .flatten()
+            .map(|e| e.path().join("plugin.log"))
+            .filter(|l| l.exists())
+            .max_by_key(|l| std::fs::metadata(l).and_then(|m| m.modified()).ok())?;
+        let len = util::file_len(&log);
+        Some((log, len))
+    });
+    if let Some((log, end)) = plugin {
+        println!(
+            "--- plugin log tail ({}) ---\n{}",
+            log.display(),
+            util::tail_window(&log, Some(end), 40, &[])
+        );
     }
 }
 
@@ -173,6 +176,7 @@ fn run_all() -> i32 {
             break;
         }
         println!("e2e: running {name}");
+        *h.log_marks.borrow_mut() = None;
         let t = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&h)));
         let secs = t.elapsed().as_secs_f64();
@@ -221,19 +225,7 @@ fn run_all() -> i32 {
     }
 }
 
-/// Entry point with `harness = false` (one dockerd for all scenarios, own summary).
-#[cfg_attr(test, allow(dead_code))]
+/// Entry point (`harness = false` in Cargo.toml: one dockerd for all scenarios, own summary).
 fn main() {
     std::process::exit(run_all());
-}
-
-/// Entry point under libtest (if the `[[test]]` entry with `harness = false` is absent).
-#[cfg(test)]
-#[test]
-fn e2e_docker() {
-    assert_eq!(
-        run_all(),
-        0,
-        "docker end-to-end scenarios failed (see output)"
-    );
 }

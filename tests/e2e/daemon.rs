@@ -170,12 +170,20 @@ impl Dockerd {
         util::run(self.command().args(args), CLI_TIMEOUT)
     }
 
-    /// The last lines of dockerd's log, without per-request debug chatter.
-    pub fn log_tail(&self, n: usize) -> String {
-        util::tail_filtered(
+    /// The last lines of dockerd's log (up to byte `end`), without per-request debug chatter.
+    pub fn log_tail(&self, end: Option<u64>, n: usize) -> String {
+        util::tail_window(
             &self.log,
+            end,
             n,
-            &["msg=\"Calling ", "form data:", "sd notification", "[core]"],
+            &[
+                "msg=\"Calling ",
+                "form data:",
+                "sd notification",
+                "[core]",
+                "attach:",
+                "garbage collected",
+            ],
         )
     }
 

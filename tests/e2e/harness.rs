@@ -186,7 +186,18 @@ pub struct Harness {
     /// volume driver it has used and asks each one on `volume ls`, retrying a dead one for
     /// ~30 s, so stopping them early would slow later scenarios down.
     retired: RefCell<Vec<Plugin>>,
+    /// Log lengths when the last scope began its cleanup, so failure reports show what led to
+    /// the failure rather than the cleanup's chatter.
+    pub log_marks: RefCell<Option<LogMarks>>,
     torn_down: bool,
+}
+
+/// Where the interesting part of the logs ends (see [`Harness::log_marks`]).
+#[derive(Debug, Clone)]
+pub struct LogMarks {
+    pub dockerd_end: u64,
+    /// The scope's plugin log and its length.
+    pub plugin: Option<(PathBuf, u64)>,
 }
 
 impl Harness {
@@ -213,6 +224,7 @@ impl Harness {
             pid,
             plugins_started: Cell::new(0),
             retired: RefCell::new(Vec::new()),
+            log_marks: RefCell::new(None),
             torn_down: false,
         };
         // on error `h` drops here and tears everything down
@@ -446,6 +458,13 @@ impl<'h> Scope<'h> {
     }
 
     fn cleanup(&mut self) {
+        *self.h.log_marks.borrow_mut() = Some(LogMarks {
+            dockerd_end: util::file_len(&self.h.dockerd.log),
+            plugin: self
+                .plugin
+                .as_ref()
+                .map(|p| (p.log.clone(), util::file_len(&p.log))),
+        });
         if let Ok(o) = self
             .h
             .docker(&["ps", "-aq", "--filter", &format!("label={}", self.label)])

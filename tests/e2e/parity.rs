@@ -147,8 +147,15 @@ impl Runner<'_, '_> {
         let out = self
             .s
             .sh(Some((&v, st.dst, st.ro)), st.extra, &script(body))?;
+        let ro = if st.ro { ":ro" } else { "" };
         Ok(Observed {
-            step: format!("step {}: {}", st.n, out.desc),
+            step: format!(
+                "step {} (-v {}:{}{ro} {}): {body}",
+                st.n,
+                v.name,
+                st.dst,
+                st.extra.join(" ")
+            ),
             out,
         })
     }

@@ -191,21 +191,17 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 
 /// The last `n` lines of a (log) file, or a note why there are none.
 pub fn tail(path: &Path, n: usize) -> String {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(n);
-            lines[from..].join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
-    }
+    tail_window(path, None, n, &[])
 }
 
-/// Like [`tail`], without lines containing any of `noise`.
-pub fn tail_filtered(path: &Path, n: usize, noise: &[&str]) -> String {
+/// The last `n` lines of the first `end` bytes of a file (all of it for `None`), without lines
+/// containing any of `noise`.
+pub fn tail_window(path: &Path, end: Option<u64>, n: usize, noise: &[&str]) -> String {
     match fs::read(path) {
-        Ok(bytes) => {
+        Ok(mut bytes) => {
+            if let Some(end) = end {
+                bytes.truncate(usize::try_from(end).unwrap_or(usize::MAX));
+            }
             let text = String::from_utf8_lossy(&bytes);
             let lines: Vec<&str> = text
                 .lines()
@@ -216,6 +212,11 @@ pub fn tail_filtered(path: &Path, n: usize, noise: &[&str]) -> String {
         }
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
+}
+
+/// Current length of a file (0 if it does not exist).
+pub fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 /// Whether process `pid` exists and its command line contains `needle` (guards against pid reuse
@@ -376,35 +377,36 @@ pub fn remove_tree(dir: &Path) {
     }
 }
 
-/// Line-by-line diff of two outputs, for failure messages (marks differing lines with -/+).
+/// Unified-style line diff of two outputs for failure messages (`-` only left, `+` only right),
+/// aligned on their longest common subsequence of lines.
 pub fn line_diff(left_name: &str, left: &str, right_name: &str, right: &str) -> String {
     let l: Vec<&str> = left.lines().collect();
     let r: Vec<&str> = right.lines().collect();
+    // lcs[i][j] = LCS length of l[i..] and r[j..]; outputs are small (hundreds of lines)
+    let mut lcs = vec![vec![0usize; r.len() + 1]; l.len() + 1];
+    for i in (0..l.len()).rev() {
+        for j in (0..r.len()).rev() {
+            lcs[i][j] = if l[i] == r[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
     let mut s = format!("--- {left_name}\n+++ {right_name}\n");
-    for i in 0..l.len().max(r.len()) {
-        match (l.get(i), r.get(i)) {
-            (Some(a), Some(b)) if a == b => s.push_str(&format!("  {a}\n")),
-            (a, b) => {
-                if let Some(a) = a {
-                    s.push_str(&format!("- {a}\n"));
-                }
-                if let Some(b) = b {
-                    s.push_str(&format!("+ {b}\n"));
-                }
-            }
+    let (mut i, mut j) = (0, 0);
+    while i < l.len() || j < r.len() {
+        if i < l.len() && j < r.len() && l[i] == r[j] {
+            s.push_str(&format!("  {}\n", l[i]));
+            i += 1;
+            j += 1;
+        } else if j < r.len() && (i == l.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            s.push_str(&format!("+ {}\n", r[j]));
+            j += 1;
+        } else {
+            s.push_str(&format!("- {}\n", l[i]));
+            i += 1;
         }
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape_mount_path(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mount_path(r"/plain"), "/plain");
-        assert_eq!(unescape_mount_path(r"/x\"), r"/x\");
-    }
 }
