@@ -401,6 +401,51 @@ fn copy_up_link(r: Run) {
     assert_lowers_untouched(&t);
 }
 
+/// Copy-up of a file that is open read-only elsewhere: the writer succeeds, later opens see the new
+/// contents, and what the old descriptor reads is whatever the kernel's overlay gives it.
+fn copy_up_while_open(r: Run) {
+    let Some(t) = Ctx::new(r, std_setup) else {
+        return;
+    };
+    let obs = t.same_as_kernel("copy-up while a read-only fd is open", |m| {
+        let mut old = fs::File::open(m.p("a.txt")).unwrap();
+        let append = OpenOptions::new()
+            .append(true)
+            .open(m.p("a.txt"))
+            .and_then(|mut f| f.write_all(b"+"));
+        let old_fd = fs::File::open(m.p("dir/one")).unwrap();
+        let trunc =
+            outcome(&nix::unistd::truncate(&m.p("dir/one"), 1).map_err(std::io::Error::from));
+        let chmod_res = {
+            use std::os::unix::fs::PermissionsExt;
+            let _held = fs::File::open(m.p("l2only")).unwrap();
+            outcome(&fs::set_permissions(
+                m.p("l2only"),
+                fs::Permissions::from_mode(0o600),
+            ))
+        };
+        let mut via_old = String::new();
+        let old_read = outcome(&old.read_to_string(&mut via_old));
+        let after = fs::read_to_string(m.p("a.txt")).map_err(|e| errname(&e));
+        let one = fs::read_to_string(m.p("dir/one")).map_err(|e| errname(&e));
+        drop(old_fd);
+        (
+            outcome(&append),
+            old_read,
+            via_old,
+            after,
+            trunc,
+            one,
+            chmod_res,
+        )
+    });
+    assert_eq!(obs.0, "ok", "append to a lower file held open read-only");
+    assert_eq!(obs.3, Ok("lower1 a\n+".to_string()));
+    assert_eq!(obs.5, Ok("1".to_string()));
+    assert_eq!(obs.6, "ok");
+    assert_lowers_untouched(&t);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Whiteouts and opaque dirs.
 
@@ -1504,6 +1549,7 @@ const ROOTLESS_SUBSET: &[&str] = &[
     "copy_up_setxattr",
     "copy_up_parent_dirs",
     "copy_up_link",
+    "copy_up_while_open",
     "whiteout_unlink",
     "whiteout_rmdir",
     "opaque_after_rmdir_mkdir",
@@ -1630,6 +1676,7 @@ suite!(
     copy_up_setxattr,
     copy_up_parent_dirs,
     copy_up_link,
+    copy_up_while_open,
     whiteout_unlink,
     whiteout_rmdir,
     opaque_after_rmdir_mkdir,

@@ -328,15 +328,17 @@ impl MountGuard {
 
     /// Unmounts now and waits until the daemon (if any) has gone, so the upper dir is final.
     pub fn unmount(mut self) -> io::Result<()> {
-        self.do_unmount()
+        self.do_unmount(true)
     }
 
     /// Like [`MountGuard::unmount`], for a guard owned by someone else (a [`Ctx`]).
     pub fn unmount_in_place(&mut self) -> io::Result<()> {
-        self.do_unmount()
+        self.do_unmount(true)
     }
 
-    fn do_unmount(&mut self) -> io::Result<()> {
+    /// Unmounts; with `wait_daemon`, also waits for our daemon (known by its pid file) to exit. A guard
+    /// that is merely dropped does not wait: the daemon exits on its own once unmounted.
+    fn do_unmount(&mut self, wait_daemon: bool) -> io::Result<()> {
         if !self.mounted {
             return Ok(());
         }
@@ -372,7 +374,7 @@ impl MountGuard {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        if let Some(pidfile) = self.pidfile.take() {
+        if let Some(pidfile) = self.pidfile.take().filter(|_| wait_daemon) {
             if let Some(pid) = fs::read_to_string(&pidfile)
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok())
@@ -390,7 +392,7 @@ impl MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        if let Err(e) = self.do_unmount() {
+        if let Err(e) = self.do_unmount(false) {
             eprintln!("warning [{}]: {e}", self.backend.name());
         }
     }
