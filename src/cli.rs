@@ -90,11 +90,8 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             let exe = own_exe()?;
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
-            let report = crate::probe::probe(store.root(), &exe);
-            for line in report.to_string().lines() {
-                tracing::info!("probe: {line}");
-            }
-            let kind = report.pick(backend).map_err(|e| anyhow!(e))?;
+            let kind =
+                crate::probe::resolve(backend, store.root(), &exe).map_err(|e| anyhow!(e))?;
             let driver = Arc::new(Driver::new(
                 store,
                 Config {

@@ -78,6 +78,30 @@ impl fmt::Display for Report {
     }
 }
 
+/// Resolves `--backend` at startup, probing only what it needs: `auto` tries the kernel first and
+/// FUSE only if the kernel fails.
+pub fn resolve(choice: BackendChoice, root: &Path, exe: &Path) -> Result<BackendKind, String> {
+    let xattr = XattrNs::for_this_process();
+    let try_one = |kind| try_backend(kind, root, exe, xattr);
+    match choice {
+        BackendChoice::Kernel => try_one(BackendKind::Kernel)
+            .map(|()| BackendKind::Kernel)
+            .map_err(|e| format!("--backend kernel: {e}")),
+        BackendChoice::Fuse => try_one(BackendKind::Fuse)
+            .map(|()| BackendKind::Fuse)
+            .map_err(|e| format!("--backend fuse: {e}")),
+        BackendChoice::Auto => match try_one(BackendKind::Kernel) {
+            Ok(()) => Ok(BackendKind::Kernel),
+            Err(k) => {
+                tracing::warn!("kernel overlayfs does not work here ({k}); trying FUSE");
+                try_one(BackendKind::Fuse)
+                    .map(|()| BackendKind::Fuse)
+                    .map_err(|f| format!("no backend works here: kernel overlayfs: {k}; FUSE: {f}"))
+            }
+        },
+    }
+}
+
 fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Result<(), String> {
     if kind == BackendKind::Fuse && !Path::new("/dev/fuse").exists() {
         return Err(
