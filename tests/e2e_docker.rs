@@ -21,7 +21,7 @@ mod e2e;
 use e2e::harness::{self, Precondition};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
-use e2e::{parity, restart, util, walkthrough, Harness};
+use e2e::{parity, restart, sessions, util, walkthrough, Harness};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
@@ -50,6 +50,10 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
             Box::new(|h: &Harness| parity::parity(h, Some(Backend::Kernel), Group::HardLinks)),
         ),
         (
+            "sessions-kernel",
+            Box::new(|h: &Harness| sessions::sessions(h, Backend::Kernel)),
+        ),
+        (
             "restart-between-containers-kernel",
             Box::new(|h: &Harness| restart::restart_between(h, Backend::Kernel)),
         ),
@@ -68,6 +72,10 @@ fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
         (
             "parity-hardlinks-fuse",
             Box::new(|h: &Harness| parity::parity(h, Some(Backend::Fuse), Group::HardLinks)),
+        ),
+        (
+            "sessions-fuse",
+            Box::new(|h: &Harness| sessions::sessions(h, Backend::Fuse)),
         ),
         (
             "restart-while-mounted-fuse",

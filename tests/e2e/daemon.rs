@@ -170,19 +170,26 @@ impl Dockerd {
         util::run(self.command().args(args), CLI_TIMEOUT)
     }
 
-    /// The last lines of dockerd's log (up to byte `end`), without per-request debug chatter.
+    /// dockerd's warnings, errors and volume-related lines (up to byte `end`), the last `n`.
     pub fn log_tail(&self, end: Option<u64>, n: usize) -> String {
-        util::tail_window(
+        util::tail_window_matching(
             &self.log,
             end,
             n,
             &[
+                "level=error",
+                "level=warning",
+                "level=fatal",
+                "olume",
+                "lugin",
+            ],
+            &[
                 "msg=\"Calling ",
                 "form data:",
-                "sd notification",
-                "[core]",
-                "attach:",
-                "garbage collected",
+                "cleanup warnings",
+                "cleaning up after shim",
+                "loading plugin",
+                "snapshotter",
             ],
         )
     }

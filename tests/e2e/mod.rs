@@ -5,7 +5,7 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`].
 
 pub mod daemon;
 pub mod harness;
@@ -13,6 +13,7 @@ pub mod image;
 pub mod parity;
 pub mod plugin;
 pub mod restart;
+pub mod sessions;
 pub mod util;
 pub mod walkthrough;
 

@@ -197,6 +197,17 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// The last `n` lines of the first `end` bytes of a file (all of it for `None`), without lines
 /// containing any of `noise`.
 pub fn tail_window(path: &Path, end: Option<u64>, n: usize, noise: &[&str]) -> String {
+    tail_window_matching(path, end, n, &[], noise)
+}
+
+/// Like [`tail_window`], keeping only lines that contain one of `keep` (all when empty).
+pub fn tail_window_matching(
+    path: &Path,
+    end: Option<u64>,
+    n: usize,
+    keep: &[&str],
+    noise: &[&str],
+) -> String {
     match fs::read(path) {
         Ok(mut bytes) => {
             if let Some(end) = end {
@@ -205,6 +216,7 @@ pub fn tail_window(path: &Path, end: Option<u64>, n: usize, noise: &[&str]) -> S
             let text = String::from_utf8_lossy(&bytes);
             let lines: Vec<&str> = text
                 .lines()
+                .filter(|l| keep.is_empty() || keep.iter().any(|x| l.contains(x)))
                 .filter(|l| !noise.iter().any(|x| l.contains(x)))
                 .collect();
             let from = lines.len().saturating_sub(n);
@@ -400,12 +412,12 @@ pub fn line_diff(left_name: &str, left: &str, right_name: &str, right: &str) -> 
             s.push_str(&format!("  {}\n", l[i]));
             i += 1;
             j += 1;
-        } else if j < r.len() && (i == l.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            s.push_str(&format!("+ {}\n", r[j]));
-            j += 1;
-        } else {
+        } else if i < l.len() && (j == r.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
             s.push_str(&format!("- {}\n", l[i]));
             i += 1;
+        } else {
+            s.push_str(&format!("+ {}\n", r[j]));
+            j += 1;
         }
     }
     s
