@@ -20,7 +20,7 @@ mod harness;
 #[path = "conformance/tree.rs"]
 mod tree;
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -1081,6 +1081,107 @@ fn permissions_nonroot(r: Run) {
     assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o644));
 }
 
+fn perm_setup(l: &Layers) {
+    let l1 = &l.l1;
+    mkdir(l1.join("home"));
+    chown(l1.join("home"), 1000, 1000);
+    write(l1.join("home/mine.txt"), "mine\n");
+    chmod(l1.join("home/mine.txt"), 0o644);
+    chown(l1.join("home/mine.txt"), 1000, 1000);
+    set_mtime(l1.join("home/mine.txt"), CU_MTIME);
+    mkdir(l1.join("sgid"));
+    chown(l1.join("sgid"), 0, 5678);
+    chmod(l1.join("sgid"), 0o2777);
+    mkdir(l1.join("sticky"));
+    chmod(l1.join("sticky"), 0o1777);
+    write(l1.join("sticky/rootfile"), "r");
+    chmod(l1.join("sticky/rootfile"), 0o666);
+}
+
+/// Copy-up and creation done on behalf of a non-root caller: owners kept, setgid dirs, sticky dirs,
+/// owner-only operations. Compared with the kernel.
+fn permissions_nonroot_copy_up(r: Run) {
+    if in_userns() {
+        r.skip("needs a second uid; a `unshare -U` namespace maps only one");
+        return;
+    }
+    let Some(t) = Ctx::new(r, perm_setup) else {
+        return;
+    };
+    let obs = t.same_as_kernel("non-root copy-up and creation", |m| {
+        let mine = cstr(&m.p("home/mine.txt"));
+        let sgid_new = cstr(&m.p("sgid/new"));
+        let sgid_dir = cstr(&m.p("sgid/dir"));
+        let rootfile = cstr(&m.p("sticky/rootfile"));
+        let (mp, sn, sd, rf) = (
+            mine.as_ptr(),
+            sgid_new.as_ptr(),
+            sgid_dir.as_ptr(),
+            rootfile.as_ptr(),
+        );
+        // SAFETY (all closures): raw syscalls only, see `as_user`.
+        let append = as_user(1000, 1000, move || unsafe {
+            let fd = libc::open(mp, libc::O_WRONLY | libc::O_APPEND);
+            if fd < 0 || libc::write(fd, b"+".as_ptr().cast(), 1) != 1 {
+                return last_errno();
+            }
+            libc::close(fd);
+            0
+        });
+        let chmod_own = as_user(1000, 1000, move || unsafe {
+            if libc::chmod(mp, 0o600) == 0 {
+                0
+            } else {
+                last_errno()
+            }
+        });
+        let chown_own = as_user(1000, 1000, move || unsafe {
+            if libc::chown(mp, 0, 0) == 0 {
+                0
+            } else {
+                last_errno()
+            }
+        });
+        let create_sgid = as_user(1000, 1000, move || unsafe {
+            let fd = libc::open(sn, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o644);
+            if fd < 0 {
+                return last_errno();
+            }
+            libc::close(fd);
+            if libc::mkdir(sd, 0o755) == 0 {
+                0
+            } else {
+                last_errno()
+            }
+        });
+        let unlink_sticky = as_user(1000, 1000, move || unsafe {
+            if libc::unlink(rf) == 0 {
+                0
+            } else {
+                last_errno()
+            }
+        });
+        let md = |rel: &str| {
+            let md = lstat(m.p(rel));
+            (md.uid(), md.gid(), md.mode() & 0o7777)
+        };
+        (
+            (append, chmod_own, chown_own, create_sgid, unlink_sticky),
+            md("home/mine.txt"),
+            md("sgid/new"),
+            md("sgid/dir"),
+            read(m.p("home/mine.txt")),
+            exists(m.p("sticky/rootfile")),
+        )
+    });
+    assert_eq!(obs.0 .0, 0, "owner appends to own lower file");
+    assert_eq!(obs.1 .0, 1000, "copy-up kept the owner");
+    assert_eq!(obs.4, "mine\n+");
+    let up = lstat(t.upper("home/mine.txt"));
+    assert_eq!((up.uid(), up.gid()), (1000, 1000), "upper copy owner");
+    assert_eq!(lstat(t.upper("home")).uid(), 1000, "copied-up parent owner");
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Files: statfs, fsync, fallocate, sparse, open flags, mmap.
 
@@ -1401,6 +1502,273 @@ fn readonly_mount(r: Run) {
     assert_lowers_untouched(&t);
 }
 
+/// `rm -rf` of a large merged dir: unlinking while reading must neither skip nor repeat entries.
+fn readdir_while_deleting(r: Run) {
+    let Some(t) = Ctx::new(r, big_setup) else {
+        return;
+    };
+    for i in 4000..4100 {
+        fs::File::create(t.p(&format!("big/f{i:05}"))).unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut dir = nix::dir::Dir::open(
+        &t.p("big"),
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    for e in dir.iter() {
+        let name = String::from_utf8_lossy(e.unwrap().file_name().to_bytes()).into_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        assert!(seen.insert(name.clone()), "{name} returned twice");
+        fs::remove_file(t.p(&format!("big/{name}"))).unwrap();
+    }
+    drop(dir);
+    assert_eq!(seen.len(), 4100, "entries skipped while deleting");
+    assert_eq!(names(t.p("big")), Vec::<String>::new());
+    fs::remove_dir(t.p("big")).unwrap();
+    assert!(is_whiteout(t.upper("big")));
+    assert_eq!(
+        fs::read_dir(&t.fx.layers.l1.join("big")).unwrap().count(),
+        3000
+    );
+}
+
+/// An unlinked file stays usable through descriptors opened before the unlink.
+fn unlink_open_file(r: Run) {
+    let Some(t) = Ctx::new(r, std_setup) else {
+        return;
+    };
+    let mut lower_fd = fs::File::open(t.p("a.txt")).unwrap();
+    fs::remove_file(t.p("a.txt")).unwrap();
+    let mut s = String::new();
+    lower_fd.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "lower1 a\n");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(t.p("tmp"))
+        .unwrap();
+    fs::remove_file(t.p("tmp")).unwrap();
+    f.write_all(b"still here").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here");
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    assert!(!exists(t.p("tmp")) && !exists(t.upper("tmp")));
+    // Hard links: removing one name leaves the other with nlink 1.
+    write(t.p("h1"), "h");
+    fs::hard_link(t.p("h1"), t.p("h2")).unwrap();
+    fs::remove_file(t.p("h1")).unwrap();
+    assert_eq!(lstat(t.p("h2")).nlink(), 1);
+    assert_eq!(read(t.p("h2")), "h");
+}
+
+fn sparse_setup(l: &Layers) {
+    let f = File::create(l.l1.join("sparse")).unwrap();
+    f.write_all_at(b"tail", (1 << 30) - 4).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut f = File::create(l.l1.join("large")).unwrap();
+    for _ in 0..32 {
+        f.write_all(&chunk).unwrap();
+    }
+    std_setup(l);
+}
+
+/// Copy-up of a 32 MiB file and of a 1 GiB sparse file: contents intact; holes kept if the kernel keeps them.
+fn copy_up_large_and_sparse(r: Run) {
+    let Some(t) = Ctx::new(r, sparse_setup) else {
+        return;
+    };
+    let want = fs::read(t.l1("large")).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(t.p("large"))
+        .unwrap()
+        .write_all(b"!")
+        .unwrap();
+    let got = fs::read(t.p("large")).unwrap();
+    assert_eq!(got.len(), want.len() + 1);
+    assert!(
+        got[..want.len()] == want[..] && got[want.len()] == b'!',
+        "large copy-up corrupted"
+    );
+    let holes = t.same_as_kernel("sparse copy-up keeps holes", |m| {
+        chmod(m.p("sparse"), 0o600); // copy-up without a data change
+        lstat(m.p("sparse")).blocks() < 1 << 16 // < 32 MiB allocated for a 1 GiB file
+    });
+    eprintln!(
+        "{} [{}]: sparse copy-up keeps holes: {holes}",
+        r.test,
+        r.backend.name()
+    );
+    let md = lstat(t.upper("sparse"));
+    assert_eq!(md.len(), 1 << 30);
+    let mut buf = [0u8; 4];
+    File::open(t.p("sparse"))
+        .unwrap()
+        .read_exact_at(&mut buf, (1 << 30) - 4)
+        .unwrap();
+    assert_eq!(&buf, b"tail");
+    assert_eq!(
+        fs::read(t.l1("large")).unwrap().len(),
+        want.len(),
+        "lower changed"
+    );
+}
+
+/// Attribute changes on a merged directory copy up the directory only: lower children stay visible and
+/// the upper dir is not opaque.
+fn copy_up_dir_attrs(r: Run) {
+    let Some(t) = Ctx::new(r, std_setup) else {
+        return;
+    };
+    chmod(t.p("dir/sub"), 0o700);
+    set_mtime(t.p("dir"), 1_500_000_000);
+    setxattr(t.p("deldir"), "user.d", b"1").unwrap();
+    if !in_userns() {
+        chown(t.p("opq"), 42, 43);
+    }
+    assert_eq!(lstat(t.p("dir/sub")).mode() & 0o7777, 0o700);
+    assert_eq!(lstat(t.p("dir")).mtime(), 1_500_000_000);
+    assert_eq!(getxattr(t.p("deldir"), "user.d").unwrap(), b"1");
+    assert_eq!(names(t.p("dir/sub")), strs(&["deep"]));
+    assert_eq!(names(t.p("dir")), strs(&["one", "sub", "three", "two"]));
+    assert_eq!(names(t.p("deldir")), strs(&["x", "y"]));
+    assert_eq!(names(t.p("opq")), strs(&["hidden"]));
+    for d in ["dir", "dir/sub", "deldir"] {
+        assert!(lstat(t.upper(d)).is_dir(), "upper {d} missing");
+        assert_eq!(
+            outcome(&getxattr(t.upper(d), &overlay_xattr("opaque"))),
+            "ENODATA",
+            "upper {d} must not be opaque"
+        );
+    }
+    assert_eq!(read(t.p("dir/sub/deep")), "deep\n");
+    assert!(!exists(t.upper("dir/sub/deep")));
+}
+
+fn odd_names_setup(l: &Layers) {
+    use std::os::unix::ffi::OsStrExt;
+    let os = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_os_string();
+    for n in [
+        &b"with space"[..],
+        b"new\nline",
+        b"\xff\xfe-not-utf8",
+        b".whatever",
+        b"wh.x",
+        b"...",
+    ] {
+        fs::write(l.l1.join(os(n)), n).unwrap();
+    }
+    fs::write(l.l1.join("x".repeat(255)), "long").unwrap();
+    mkdir(l.l1.join("d"));
+}
+
+/// Names a union filesystem must pass through untouched: spaces, newlines, non-UTF-8 bytes, names that
+/// merely start like whiteout markers, 255-byte names.
+fn odd_names(r: Run) {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let Some(t) = Ctx::new(r, odd_names_setup) else {
+        return;
+    };
+    let listed: Vec<Vec<u8>> = {
+        let mut v: Vec<Vec<u8>> = fs::read_dir(t.p(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_vec())
+            .collect();
+        v.sort();
+        v
+    };
+    let lower: Vec<Vec<u8>> = {
+        let mut v: Vec<Vec<u8>> = fs::read_dir(t.l1(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_vec())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(listed, lower);
+    for n in &lower {
+        let p = t.p("").join(std::ffi::OsStr::from_bytes(n));
+        if n.as_slice() != b"d" && n.len() < 255 {
+            assert_eq!(
+                fs::read(&p).unwrap(),
+                *n,
+                "{:?}",
+                String::from_utf8_lossy(n)
+            );
+        }
+    }
+    let obs = t.same_as_kernel("odd names: unlink, rename, limits", |m| {
+        let p = |b: &[u8]| m.p("").join(std::ffi::OsStr::from_bytes(b));
+        let unlink = outcome(&fs::remove_file(p(b"\xff\xfe-not-utf8")));
+        let rename = outcome(&fs::rename(p(b"new\nline"), p(b"d/\xe2\x9c\x93 ok")));
+        let long_ok = outcome(&fs::write(m.p(&"y".repeat(255)), "y"));
+        let too_long = outcome(&fs::write(m.p(&"z".repeat(256)), "z"));
+        let unlink_long = outcome(&fs::remove_file(m.p(&"x".repeat(255))));
+        let mut root: Vec<Vec<u8>> = fs::read_dir(m.p(""))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_vec())
+            .collect();
+        root.sort();
+        (
+            unlink,
+            rename,
+            long_ok,
+            too_long,
+            unlink_long,
+            root,
+            names(m.p("d")),
+        )
+    });
+    assert_eq!(obs.0, "ok");
+    assert!(is_whiteout(
+        t.upper("")
+            .join(std::ffi::OsStr::from_bytes(b"\xff\xfe-not-utf8"))
+    ));
+    assert!(
+        is_whiteout(t.upper(&"x".repeat(255))),
+        "whiteout for a 255-byte name"
+    );
+}
+
+/// Two names for one inode inside a lower: what a write through one name does to the other is decided
+/// by the kernel (with index=off it breaks the link); a backend must agree.
+fn lower_hardlinks(r: Run) {
+    fn setup(l: &Layers) {
+        write(l.l1.join("h1"), "shared\n");
+        fs::hard_link(l.l1.join("h1"), l.l1.join("h2")).unwrap();
+    }
+    let Some(t) = Ctx::new(r, setup) else {
+        return;
+    };
+    let obs = t.same_as_kernel("lower hard links across copy-up", |m| {
+        let before = (lstat(m.p("h1")).nlink(), ino(m.p("h1")) == ino(m.p("h2")));
+        OpenOptions::new()
+            .append(true)
+            .open(m.p("h1"))
+            .unwrap()
+            .write_all(b"+")
+            .unwrap();
+        let after = (
+            read(m.p("h1")),
+            read(m.p("h2")),
+            lstat(m.p("h1")).nlink(),
+            lstat(m.p("h2")).nlink(),
+        );
+        (before, after)
+    });
+    eprintln!("{} [{}]: {obs:?}", r.test, r.backend.name());
+    assert_eq!(obs.1 .0, "shared\n+");
+    assert_eq!(read(t.l1("h2")), "shared\n", "lower changed");
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Upper-dir format (the issue's two format tests).
 
@@ -1556,6 +1924,11 @@ const ROOTLESS_SUBSET: &[&str] = &[
     "lower_kernel_markers_honoured",
     "lower_aufs_markers",
     "readdir_merged",
+    "readdir_while_deleting",
+    "unlink_open_file",
+    "copy_up_dir_attrs",
+    "odd_names",
+    "lower_hardlinks",
     "rename_file_within_dir",
     "rename_file_across_dirs",
     "rename_file_over_existing",
@@ -1684,6 +2057,12 @@ suite!(
     lower_aufs_markers,
     readdir_merged,
     readdir_large,
+    readdir_while_deleting,
+    unlink_open_file,
+    copy_up_large_and_sparse,
+    copy_up_dir_attrs,
+    odd_names,
+    lower_hardlinks,
     rename_file_within_dir,
     rename_file_across_dirs,
     rename_file_over_existing,
@@ -1694,6 +2073,7 @@ suite!(
     xattr_user,
     xattr_overlay_private_hidden,
     permissions_nonroot,
+    permissions_nonroot_copy_up,
     statfs_works,
     fsync_works,
     fallocate_works,
