@@ -1531,7 +1531,7 @@ fn readdir_while_deleting(r: Run) {
     fs::remove_dir(t.p("big")).unwrap();
     assert!(is_whiteout(t.upper("big")));
     assert_eq!(
-        fs::read_dir(&t.fx.layers.l1.join("big")).unwrap().count(),
+        fs::read_dir(t.l1("big")).unwrap().count(),
         3000
     );
 }
