@@ -27,61 +27,50 @@ use std::time::Instant;
 
 type ScenarioFn = Box<dyn Fn(&Harness) -> anyhow::Result<()>>;
 
-/// The scenarios, in run order.
-fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
-    vec![
-        (
-            "parity-oracle-selftest",
-            Box::new(|h: &Harness| {
-                parity::parity(h, None, Group::Main)?;
-                parity::parity(h, None, Group::HardLinks)
-            }),
-        ),
-        (
-            "walkthrough-kernel",
-            Box::new(|h: &Harness| walkthrough::walkthrough(h, Backend::Kernel)),
-        ),
-        (
-            "parity-kernel",
-            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Kernel), Group::Main)),
-        ),
-        (
-            "parity-hardlinks-kernel",
-            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Kernel), Group::HardLinks)),
-        ),
-        (
-            "sessions-kernel",
-            Box::new(|h: &Harness| sessions::sessions(h, Backend::Kernel)),
-        ),
-        (
-            "restart-between-containers-kernel",
-            Box::new(|h: &Harness| restart::restart_between(h, Backend::Kernel)),
-        ),
-        (
-            "restart-while-mounted-kernel",
-            Box::new(|h: &Harness| restart::restart_while_mounted(h, Backend::Kernel)),
-        ),
-        (
-            "walkthrough-fuse",
-            Box::new(|h: &Harness| walkthrough::walkthrough(h, Backend::Fuse)),
-        ),
-        (
-            "parity-fuse",
-            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Fuse), Group::Main)),
-        ),
-        (
-            "parity-hardlinks-fuse",
-            Box::new(|h: &Harness| parity::parity(h, Some(Backend::Fuse), Group::HardLinks)),
-        ),
-        (
-            "sessions-fuse",
-            Box::new(|h: &Harness| sessions::sessions(h, Backend::Fuse)),
-        ),
-        (
-            "restart-while-mounted-fuse",
-            Box::new(|h: &Harness| restart::restart_while_mounted(h, Backend::Fuse)),
-        ),
-    ]
+/// The scenarios, in run order: the oracle self-test, every scenario on the kernel backend, the
+/// same on the FUSE backend, then the dockerd restarts (last: they disturb the shared daemon).
+fn scenarios() -> Vec<(String, ScenarioFn)> {
+    let mut v: Vec<(String, ScenarioFn)> = vec![(
+        "parity-oracle-selftest".into(),
+        Box::new(|h: &Harness| {
+            parity::parity(h, None, Group::Main)?;
+            parity::parity(h, None, Group::HardLinks)
+        }),
+    )];
+    for b in [Backend::Kernel, Backend::Fuse] {
+        let n = b.as_str();
+        v.push((
+            format!("walkthrough-{n}"),
+            Box::new(move |h: &Harness| walkthrough::walkthrough(h, b)),
+        ));
+        v.push((
+            format!("parity-{n}"),
+            Box::new(move |h: &Harness| parity::parity(h, Some(b), Group::Main)),
+        ));
+        v.push((
+            format!("parity-hardlinks-{n}"),
+            Box::new(move |h: &Harness| parity::parity(h, Some(b), Group::HardLinks)),
+        ));
+        v.push((
+            format!("sessions-{n}"),
+            Box::new(move |h: &Harness| sessions::sessions(h, b)),
+        ));
+        v.push((
+            format!("restart-between-containers-{n}"),
+            Box::new(move |h: &Harness| restart::restart_between(h, b)),
+        ));
+        v.push((
+            format!("restart-while-mounted-{n}"),
+            Box::new(move |h: &Harness| restart::restart_while_mounted(h, b)),
+        ));
+    }
+    for b in [Backend::Kernel, Backend::Fuse] {
+        v.push((
+            format!("dockerd-restart-{}", b.as_str()),
+            Box::new(move |h: &Harness| restart::dockerd_restart(h, b)),
+        ));
+    }
+    v
 }
 
 fn selected(name: &str) -> bool {
@@ -175,9 +164,9 @@ fn run_all() -> i32 {
         h.image,
         e2e::plugin::binary()
     );
-    let mut results: Vec<(&str, bool, f64)> = Vec::new();
+    let mut results: Vec<(String, bool, f64)> = Vec::new();
     for (name, f) in scenarios() {
-        if !selected(name) {
+        if !selected(&name) {
             continue;
         }
         if util::interrupted() {

@@ -5,12 +5,13 @@
 
 use super::util::{self, CmdOut};
 use anyhow::{bail, Context, Result};
-use std::fs::{self, File};
+use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long dockerd may take to answer `/_ping` after starting.
@@ -29,7 +30,7 @@ pub struct Dockerd {
     /// The storage driver that worked.
     pub storage_driver: String,
     cli_config: PathBuf,
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
 }
 
 impl Dockerd {
@@ -58,54 +59,18 @@ impl Dockerd {
 
     fn start_with(dir: &Path, driver: &str) -> Result<Dockerd> {
         fs::create_dir_all(dir)?;
-        let sock = dir.join("docker.sock");
-        let log = dir.join(format!("dockerd-{driver}.log"));
         let cli_config = dir.join("cli-config");
         fs::create_dir_all(&cli_config)?;
         fs::write(dir.join("daemon.json"), "{}\n")?;
-        let logf = File::create(&log)?;
-        let mut cmd = Command::new("dockerd");
-        cmd.arg("--config-file")
-            .arg(dir.join("daemon.json"))
-            .arg("--data-root")
-            .arg(dir.join("data"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args([
-                "--bridge",
-                "none",
-                "--iptables=false",
-                "--ip-masq=false",
-                "--ip-forward=false",
-                "--userland-proxy=false",
-                "--shutdown-timeout",
-                "5",
-                "--debug",
-                "--storage-driver",
-                driver,
-            ])
-            .env_remove("DOCKER_HOST")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf)
-            // own process group: a terminal Ctrl-C reaches only the harness, whose teardown
-            // then stops containers, dockerd and the plugin in the right order
-            .process_group(0);
-        let child = cmd.spawn().context("spawning dockerd")?;
-        let mut d = Dockerd {
+        let d = Dockerd {
             dir: dir.to_path_buf(),
-            sock,
-            log,
+            sock: dir.join("docker.sock"),
+            log: dir.join(format!("dockerd-{driver}.log")),
             storage_driver: driver.to_string(),
             cli_config,
-            child: Some(child),
+            child: Mutex::new(None),
         };
-        if let Err(e) = d.wait_ready() {
+        if let Err(e) = d.spawn() {
             let t = util::tail(&d.log, 30);
             d.stop();
             // leave nothing of this attempt behind for the next driver
@@ -128,11 +93,59 @@ impl Dockerd {
         Ok(d)
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Starts the dockerd process (log appended) and waits until it answers.
+    fn spawn(&self) -> Result<()> {
+        let logf = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--config-file")
+            .arg(self.dir.join("daemon.json"))
+            .arg("--data-root")
+            .arg(self.dir.join("data"))
+            .arg("--exec-root")
+            .arg(self.dir.join("exec"))
+            .arg("--pidfile")
+            .arg(self.dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(self.host())
+            .args([
+                "--bridge",
+                "none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--ip-forward=false",
+                "--userland-proxy=false",
+                "--shutdown-timeout",
+                "5",
+                "--debug",
+                "--storage-driver",
+                &self.storage_driver,
+            ])
+            .env_remove("DOCKER_HOST")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            // own process group: a terminal Ctrl-C reaches only the harness, whose teardown
+            // then stops containers, dockerd and the plugin in the right order
+            .process_group(0);
+        let child = cmd.spawn().context("spawning dockerd")?;
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&self) -> Result<()> {
         let start = Instant::now();
         loop {
             util::check_interrupted();
-            if let Some(child) = self.child.as_mut() {
+            if let Some(child) = self
+                .child
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
                 if let Some(st) = child.try_wait()? {
                     bail!("dockerd exited during startup with {st}");
                 }
@@ -145,6 +158,13 @@ impl Dockerd {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops dockerd (SIGTERM: it stops its containers as on a host shutdown) and starts it
+    /// again on the same data.
+    pub fn restart(&self) -> Result<()> {
+        self.stop_process();
+        self.spawn()
     }
 
     /// `-H unix://...` value for the CLI.
@@ -196,11 +216,16 @@ impl Dockerd {
 
     /// Removes every container (with the plugin still up, so their volumes get their Unmount),
     /// then stops dockerd (SIGTERM, wait, SIGKILL) and any containerd it leaves behind.
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(None)) {
+    pub fn stop(&self) {
+        let running = matches!(
+            self.child
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .map(|c| c.try_wait()),
+            Some(Ok(None))
+        );
+        if running {
             if let Ok(ids) = self.cli(&["ps", "-aq"]) {
                 let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
                 if !ids.is_empty() {
@@ -214,6 +239,15 @@ impl Dockerd {
                 }
             }
         }
+        self.stop_process();
+    }
+
+    /// SIGTERM, wait, SIGKILL dockerd; then its containerd if that outlived it.
+    fn stop_process(&self) {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut child) = child else {
+            return;
+        };
         util::terminate_child(&mut child, Duration::from_secs(20));
         // dockerd normally stops its containerd; after a SIGKILL it cannot
         let ctrd_pid = self.dir.join("exec/containerd/containerd.pid");

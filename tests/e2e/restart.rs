@@ -137,3 +137,75 @@ pub fn restart_while_mounted(h: &Harness, backend: Backend) -> Result<()> {
     ensure!(out.stdout == "a\nb\n", "rm-two read {:?}", out.stdout);
     s.ensure_plugin_alive()
 }
+
+/// Restarts dockerd itself (SIGTERM, as on a host shutdown, then start on the same data) while
+/// a container has a cachedriver volume mounted: Docker's volume database and our registry must
+/// agree afterwards, the stopped container's session must have been committed (Docker unmounts
+/// the volumes of the containers it stops at shutdown), the same container can be started again
+/// (same container ID: Docker reuses its Mount ID) and the next container sees everything.
+pub fn dockerd_restart(h: &Harness, backend: Backend) -> Result<()> {
+    let mut s = Scope::with_plugin(
+        h,
+        &format!("dockerd-restart-{}", backend.as_str()),
+        backend,
+        None,
+    )?;
+    s.sh(
+        Some((&s.vol("dr-one"), "/cache", false)),
+        &[],
+        "echo a > /cache/a.txt",
+    )?
+    .check()?;
+    s.plugin().wait_session_ended("dr", "one")?;
+    s.start("dr-run", &s.vol("dr-two"), "/cache", &[])?;
+    s.exec_ok("dr-run", "echo b > /cache/b.txt")?;
+
+    h.dockerd.restart()?;
+
+    let name = s.plugin().name.clone();
+    let ls = h.docker_ok(&[
+        "volume",
+        "ls",
+        "--filter",
+        &format!("driver={name}"),
+        "--format",
+        "{{.Name}}",
+    ])?;
+    for v in ["dr-one", "dr-two"] {
+        ensure!(
+            ls.lines().any(|l| l == v),
+            "after a dockerd restart docker volume ls does not list {v}:\n{ls}"
+        );
+    }
+    s.plugin().wait_session_ended("dr", "two")?;
+    let latest = s.plugin().latest("dr")?;
+    ensure!(
+        latest == "two",
+        "the container stopped by dockerd's shutdown did not commit its session: latest={latest:?}"
+    );
+
+    h.docker_ok(&["start", "dr-run"])?;
+    let out = s.exec_ok(
+        "dr-run",
+        "cat /cache/a.txt /cache/b.txt && echo c > /cache/c.txt",
+    )?;
+    ensure!(
+        out == "a\nb\n",
+        "the restarted container (same ID, new session) read {out:?}"
+    );
+    s.stop("dr-run")?;
+    s.plugin().wait_session_ended("dr", "two")?;
+    let out = s
+        .sh(
+            Some((&s.vol("dr-three"), "/cache", false)),
+            &[],
+            "cat /cache/a.txt /cache/b.txt /cache/c.txt",
+        )?
+        .check()?;
+    ensure!(
+        out.stdout == "a\nb\nc\n",
+        "after the dockerd restart dr-three read {:?}",
+        out.stdout
+    );
+    s.ensure_plugin_alive()
+}
