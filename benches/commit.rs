@@ -18,6 +18,9 @@ use cachedriver::driver::{Config, Driver};
 use cachedriver::names::CommitMode;
 use cachedriver::store::Store;
 
+#[path = "support/chart.rs"]
+mod chart;
+
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -50,6 +53,13 @@ fn build_cache(root: &Path, n: usize) -> PathBuf {
 }
 
 fn main() {
+    // CACHEDRIVER_LOG=info shows each commit's unmount/commit/record breakdown.
+    if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("CACHEDRIVER_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(f)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("commit bench: needs root (it mounts kernel overlays); nothing measured");
         std::process::exit(1);
@@ -144,4 +154,25 @@ fn main() {
         out.join("commit.json"),
         serde_json::to_vec_pretty(&rows).unwrap_or_default(),
     );
+    let get = |k: &str| rows.iter().map(|r| r[k].as_f64()).collect::<Vec<_>>();
+    let svg = chart::BarChart {
+        title: "Commit of a one-file change vs a full copy of the cache",
+        y_label: "milliseconds (log scale)",
+        groups: rows
+            .iter()
+            .map(|r| format!("{} files", r["files"]))
+            .collect(),
+        series: vec![
+            (
+                "cachedriver commit (median)".into(),
+                get("commit_median_ms"),
+            ),
+            ("full copy (cp -a)".into(), get("full_copy_ms")),
+        ],
+        log: true,
+        reference: None,
+    }
+    .svg();
+    let _ = fs::write(out.join("commit.svg"), svg);
+    println!("wrote {}", out.join("commit.svg").display());
 }

@@ -298,25 +298,36 @@ impl Driver {
         }
         let session = s.clone();
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
+        let t0 = std::time::Instant::now();
         self.backend_for(session.backend)
             .unmount(&merged, session.pid)?;
         let mode = rec.commit.unwrap_or(self.config.commit);
-        let started = std::time::Instant::now();
+        let t1 = std::time::Instant::now();
         let outcome = commit::commit(&self.store, &rec, &session, mode)?;
+        let t2 = std::time::Instant::now();
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;
         self.store.save_volume(&rec)?;
+        let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_micros() as u64;
+        let (unmount_us, commit_us, record_us) =
+            (us(t0, t1), us(t1, t2), us(t2, std::time::Instant::now()));
         match &outcome {
             Outcome::Committed { layer, parent } => tracing::info!(
                 volume = name,
                 layer,
                 parent,
                 mode = mode.as_str(),
-                elapsed_us = started.elapsed().as_micros() as u64,
+                unmount_us,
+                commit_us,
+                record_us,
                 "committed"
             ),
-            Outcome::Empty => tracing::info!(volume = name, "session changed nothing; no commit"),
-            Outcome::Discarded => tracing::info!(volume = name, "session discarded"),
+            Outcome::Empty => tracing::info!(
+                volume = name,
+                unmount_us,
+                "session changed nothing; no commit"
+            ),
+            Outcome::Discarded => tracing::info!(volume = name, unmount_us, "session discarded"),
         }
         Ok(())
     }
