@@ -301,6 +301,7 @@ impl UnionFs {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn setattr_inner(
         &self,
         ino: u64,

@@ -160,10 +160,13 @@ impl Table {
     }
 }
 
+/// Cached fds by (node id, layer), each with its last-use tick.
+type FdMap = HashMap<(u64, usize), (Arc<OwnedFd>, u64)>;
+
 /// A bounded cache of O_PATH directory fds keyed by (node id, layer).
 #[derive(Debug)]
 pub struct DirFdCache {
-    map: Mutex<HashMap<(u64, usize), (Arc<OwnedFd>, u64)>>,
+    map: Mutex<FdMap>,
     tick: AtomicU64,
     cap: usize,
 }
