@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -18,7 +18,7 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::inode::{lock, rlock, Backing, Inode};
+use crate::inode::{lock, rlock, wlock, Backing, Inode};
 use crate::layers::{self, Layers};
 use crate::options::Passthrough;
 use crate::sys::{self, errno};
@@ -98,7 +98,7 @@ pub struct UnionFs {
     passthrough: AtomicBool,
     passthrough_mode: Passthrough,
     stack_depth: u32,
-    backings: Mutex<HashMap<u64, Arc<Backing>>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
 }
@@ -107,7 +107,45 @@ pub struct UnionFs {
 enum OpenMode {
     Passthrough(Arc<Backing>),
     Cached,
-    Direct,
+}
+
+/// Lower files smaller than this are served through the page cache rather than passthrough:
+/// a passthrough open of a lower file pins its backing file, and the kernel would then refuse
+/// a write open of the copied-up file while the read-only one stays open.
+const PT_MIN_LOWER: i64 = 1 << 20;
+
+/// An open file.
+struct Handle {
+    inode: Arc<Inode>,
+    /// The real file; swapped for the upper copy when the object is copied up under us.
+    fd: RwLock<Arc<OwnedFd>>,
+    /// Whether `fd` already is the upper file.
+    upper: AtomicBool,
+    /// Open flags, for re-opening.
+    flags: i32,
+    /// Served through passthrough with this backing.
+    backing: Option<Arc<Backing>>,
+}
+
+impl Handle {
+    /// The fd to do I/O on, following a copy-up that happened after open (as overlayfs does).
+    fn fd(&self, u: &Union) -> io::Result<Arc<OwnedFd>> {
+        if !self.upper.load(Ordering::Acquire) && self.inode.copied_up.load(Ordering::Acquire) {
+            let (t, layer) = u.target(&self.inode)?;
+            if u.layers.is_upper(layer) {
+                let fl = self.flags
+                    & !(libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_TRUNC
+                        | libc::O_NOCTTY
+                        | libc::O_DIRECT);
+                let nfd = Arc::new(t.open(fl)?);
+                *wlock(&self.fd) = nfd;
+                self.upper.store(true, Ordering::Release);
+            }
+        }
+        Ok(rlock(&self.fd).clone())
+    }
 }
 
 impl UnionFs {
@@ -138,17 +176,15 @@ impl UnionFs {
             passthrough: AtomicBool::new(want_pt),
             passthrough_mode: passthrough,
             stack_depth,
-            backings: Mutex::new(HashMap::new()),
+            handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
-        let st = match fh {
-            Some(fh) if !inode.is_dir() && fh.0 > 2 && fh.0 < i32::MAX as u64 => {
-                sys::fstat(fh.0 as RawFd)?
-            }
+        let st = match fh.and_then(|fh| self.handle(fh).ok()) {
+            Some(h) if !inode.is_dir() => sys::fstat(h.fd(&self.u)?.as_raw_fd())?,
             _ => self.u.target(inode)?.0.stat()?,
         };
         let merged = inode.is_dir() && lock(&inode.state).stack.len() > 1;
@@ -232,32 +268,41 @@ impl UnionFs {
         t.open(oflags)
     }
 
-    /// Decides passthrough / page cache / direct I/O for an open file.
+    /// Decides passthrough or page cache for an open file, counting the open on the inode.
+    /// The kernel fails opens that mix the two modes on one inode, or two backing files.
     fn open_mode(
         &self,
         inode: &Inode,
         fd: &OwnedFd,
         writable: bool,
         open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
-    ) -> OpenMode {
-        if inode.kind != libc::S_IFREG || !self.passthrough.load(Ordering::Relaxed) {
-            return self.cached_mode(inode);
-        }
-        let real = match sys::fstat(fd.as_raw_fd()) {
-            Ok(st) => (st.st_dev, st.st_ino),
-            Err(_) => return OpenMode::Direct,
-        };
+    ) -> io::Result<OpenMode> {
         let mut slot = lock(&inode.backing);
-        if let Some(b) = slot.upgrade() {
-            if b.real == real {
-                if writable {
-                    lock(&inode.state).pt_written = true;
-                }
-                return OpenMode::Passthrough(b);
+        let cached = |inode: &Inode| {
+            inode.cached_opens.fetch_add(1, Ordering::SeqCst);
+            Ok(OpenMode::Cached)
+        };
+        let live = slot.upgrade();
+        if inode.kind != libc::S_IFREG
+            || (live.is_none() && !self.passthrough.load(Ordering::Relaxed))
+        {
+            return cached(inode);
+        }
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let real = (st.st_dev, st.st_ino);
+        if let Some(b) = live {
+            if b.real != real {
+                // A read-only passthrough open of the lower file is still live.
+                return Err(errno(libc::ETXTBSY));
             }
-            // The kernel allows one backing file per inode; a copied-up file opened while the
-            // lower one is still open is served by us, uncached.
-            return OpenMode::Direct;
+            if writable {
+                lock(&inode.state).pt_written = true;
+            }
+            return Ok(OpenMode::Passthrough(b));
+        }
+        let upper = self.u.layers.is_upper(lock(&inode.state).layer);
+        if inode.cached_opens.load(Ordering::SeqCst) > 0 || (!upper && st.st_size < PT_MIN_LOWER) {
+            return cached(inode);
         }
         match open_backing(fd) {
             Ok(id) => {
@@ -266,7 +311,7 @@ impl UnionFs {
                 if writable {
                     lock(&inode.state).pt_written = true;
                 }
-                OpenMode::Passthrough(b)
+                Ok(OpenMode::Passthrough(b))
             }
             Err(e) => {
                 self.passthrough.store(false, Ordering::Relaxed);
@@ -277,17 +322,42 @@ impl UnionFs {
                 } else {
                     tracing::info!("FUSE passthrough unavailable ({e}); serving I/O ourselves");
                 }
-                drop(slot);
-                self.cached_mode(inode)
+                cached(inode)
             }
         }
     }
 
-    fn cached_mode(&self, inode: &Inode) -> OpenMode {
-        if lock(&inode.backing).upgrade().is_some() {
-            return OpenMode::Direct;
-        }
-        OpenMode::Cached
+    /// Registers an open file and returns its handle number.
+    fn add_handle(
+        &self,
+        inode: Arc<Inode>,
+        fd: OwnedFd,
+        flags: i32,
+        backing: Option<Arc<Backing>>,
+    ) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let upper = self.u.layers.is_upper(lock(&inode.state).layer);
+        inode.opens.fetch_add(1, Ordering::SeqCst);
+        let h = Handle {
+            inode,
+            fd: RwLock::new(Arc::new(fd)),
+            upper: AtomicBool::new(upper),
+            flags,
+            backing,
+        };
+        wlock(&self.handles).insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: FileHandle) -> io::Result<Arc<Handle>> {
+        rlock(&self.handles)
+            .get(&fh.0)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
+    fn handle_fd(&self, fh: FileHandle) -> io::Result<Arc<OwnedFd>> {
+        self.handle(fh)?.fd(&self.u)
     }
 
     fn cached_flags(&self, inode: &Inode) -> FopenFlags {
@@ -334,11 +404,9 @@ impl UnionFs {
             if inode.is_dir() {
                 return Err(errno(libc::EISDIR));
             }
-            let via_fh = match fh {
-                Some(fh) if fh.0 > 2 && fh.0 < i32::MAX as u64 => {
-                    sys::ftruncate(fh.0 as RawFd, sz).is_ok()
-                }
-                _ => false,
+            let via_fh = match fh.and_then(|fh| self.handle_fd(fh).ok()) {
+                Some(fd) => sys::ftruncate(fd.as_raw_fd(), sz).is_ok(),
+                None => false,
             };
             if !via_fh {
                 let f = t.open(libc::O_WRONLY)?;
@@ -407,14 +475,6 @@ impl UnionFs {
         self.u
             .create_node(req.uid(), req.gid(), &p, name, mode, kind, make)?;
         self.do_lookup(parent, name)
-    }
-}
-
-fn valid_fh(fh: FileHandle) -> io::Result<RawFd> {
-    if fh.0 > 2 && fh.0 < i32::MAX as u64 {
-        Ok(fh.0 as RawFd)
-    } else {
-        Err(errno(libc::EBADF))
     }
 }
 
@@ -498,7 +558,7 @@ impl Filesystem for UnionFs {
             .inode(ino.0)
             .and_then(|i| match self.u.target(&i)?.0 {
                 Target::At(d, n) => sys::readlinkat(d.as_raw_fd(), &n),
-                Target::Dir(_) => Err(errno(libc::EINVAL)),
+                Target::Dir(_) | Target::Orphan(_) => Err(errno(libc::EINVAL)),
             });
         match res {
             Ok(v) => reply.data(&v),
@@ -621,21 +681,16 @@ impl Filesystem for UnionFs {
         };
         let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
-            OpenMode::Passthrough(b) => {
-                let fh = fd.into_raw_fd() as u64;
-                lock(&self.backings).insert(fh, b.clone());
+            Ok(OpenMode::Passthrough(b)) => {
+                let fh = self.add_handle(inode, fd, flags.0, Some(b.clone()));
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
             }
-            OpenMode::Cached => {
+            Ok(OpenMode::Cached) => {
                 let fl = self.cached_flags(&inode);
-                reply.opened(FileHandle(fd.into_raw_fd() as u64), fl);
+                let fh = self.add_handle(inode, fd, flags.0, None);
+                reply.opened(FileHandle(fh), fl);
             }
-            OpenMode::Direct => {
-                reply.opened(
-                    FileHandle(fd.into_raw_fd() as u64),
-                    FopenFlags::FOPEN_DIRECT_IO,
-                );
-            }
+            Err(e) => reply.error(to_errno(e)),
         }
     }
 
@@ -650,9 +705,9 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let res = valid_fh(fh).and_then(|fd| {
+        let res = self.handle_fd(fh).and_then(|fd| {
             let mut buf = vec![0u8; size as usize];
-            let n = sys::pread_full(fd, &mut buf, offset)?;
+            let n = sys::pread_full(fd.as_raw_fd(), &mut buf, offset)?;
             buf.truncate(n);
             Ok(buf)
         });
@@ -674,7 +729,10 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match valid_fh(fh).and_then(|fd| sys::pwrite_full(fd, data, offset)) {
+        match self
+            .handle_fd(fh)
+            .and_then(|fd| sys::pwrite_full(fd.as_raw_fd(), data, offset))
+        {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(to_errno(e)),
         }
@@ -701,10 +759,11 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.backings).remove(&fh.0);
-        if let Ok(fd) = valid_fh(fh) {
-            // SAFETY: the fh is an fd we handed out at open and the kernel releases it once.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        if let Some(h) = wlock(&self.handles).remove(&fh.0) {
+            h.inode.opens.fetch_sub(1, Ordering::SeqCst);
+            if h.backing.is_none() {
+                h.inode.cached_opens.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         reply.ok();
     }
@@ -717,7 +776,10 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match valid_fh(fh).and_then(|fd| sys::fsync(fd, datasync)) {
+        match self
+            .handle_fd(fh)
+            .and_then(|fd| sys::fsync(fd.as_raw_fd(), datasync))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(to_errno(e)),
         }
@@ -986,9 +1048,8 @@ impl Filesystem for UnionFs {
         };
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
-            OpenMode::Passthrough(b) => {
-                let fh = fd.into_raw_fd() as u64;
-                lock(&self.backings).insert(fh, b.clone());
+            Ok(OpenMode::Passthrough(b)) => {
+                let fh = self.add_handle(inode, fd, flags, Some(b.clone()));
                 reply.created_passthrough(
                     &self.ttl,
                     &attr,
@@ -998,25 +1059,12 @@ impl Filesystem for UnionFs {
                     &b.id,
                 );
             }
-            OpenMode::Cached => {
+            Ok(OpenMode::Cached) => {
                 let fl = self.cached_flags(&inode);
-                reply.created(
-                    &self.ttl,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fd.into_raw_fd() as u64),
-                    fl,
-                );
+                let fh = self.add_handle(inode, fd, flags, None);
+                reply.created(&self.ttl, &attr, Generation(0), FileHandle(fh), fl);
             }
-            OpenMode::Direct => {
-                reply.created(
-                    &self.ttl,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fd.into_raw_fd() as u64),
-                    FopenFlags::FOPEN_DIRECT_IO,
-                );
-            }
+            Err(e) => reply.error(to_errno(e)),
         }
     }
 
@@ -1030,7 +1078,10 @@ impl Filesystem for UnionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match valid_fh(fh).and_then(|fd| sys::fallocate(fd, mode, offset, length)) {
+        match self
+            .handle_fd(fh)
+            .and_then(|fd| sys::fallocate(fd.as_raw_fd(), mode, offset, length))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(to_errno(e)),
         }
@@ -1045,7 +1096,10 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match valid_fh(fh).and_then(|fd| sys::lseek(fd, offset, whence)) {
+        match self
+            .handle_fd(fh)
+            .and_then(|fd| sys::lseek(fd.as_raw_fd(), offset, whence))
+        {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(to_errno(e)),
         }
@@ -1065,12 +1119,12 @@ impl Filesystem for UnionFs {
         reply: ReplyWrite,
     ) {
         let res = (|| {
-            let (fin, fout) = (valid_fh(fh_in)?, valid_fh(fh_out)?);
+            let (fin, fout) = (self.handle_fd(fh_in)?, self.handle_fd(fh_out)?);
             let (mut oi, mut oo) = (offset_in as i64, offset_out as i64);
             sys::copy_file_range(
-                fin,
+                fin.as_raw_fd(),
                 &mut oi,
-                fout,
+                fout.as_raw_fd(),
                 &mut oo,
                 len.min(u32::MAX as u64) as usize,
             )

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 /// Locks a mutex, recovering from poisoning (a panicked request must not wedge the mount).
@@ -51,6 +51,8 @@ pub struct InodeState {
     pub upper_id: Option<(u64, u64)>,
     /// A passthrough open with write access happened: the page cache may be stale.
     pub pt_written: bool,
+    /// An O_PATH fd kept when the object was unlinked while open (fstat must still work).
+    pub orphan: Option<Arc<OwnedFd>>,
 }
 
 /// One merged object known to the kernel.
@@ -66,8 +68,31 @@ pub struct Inode {
     pub state: Mutex<InodeState>,
     /// Serialises copy-up of this object.
     pub copy_lock: Mutex<()>,
-    /// Live passthrough backing, if any.
+    /// Live passthrough backing, if any. Also serialises the choice of I/O mode at open.
     pub backing: Mutex<Weak<Backing>>,
+    /// Set once the object has been copied up (open read-only handles then re-open).
+    pub copied_up: AtomicBool,
+    /// Open file handles.
+    pub opens: AtomicU32,
+    /// Open handles served through the page cache (the kernel forbids mixing with passthrough).
+    pub cached_opens: AtomicU32,
+}
+
+impl Inode {
+    /// A new inode.
+    pub fn new(ino: u64, kind: u32, state: InodeState) -> Inode {
+        Inode {
+            ino,
+            kind,
+            nlookup: AtomicU64::new(1),
+            state: Mutex::new(state),
+            copy_lock: Mutex::new(()),
+            backing: Mutex::new(Weak::new()),
+            copied_up: AtomicBool::new(false),
+            opens: AtomicU32::new(0),
+            cached_opens: AtomicU32::new(0),
+        }
+    }
 }
 
 impl Inode {

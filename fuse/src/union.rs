@@ -6,7 +6,7 @@ use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::copyup;
 use crate::inode::{lock, rlock, wlock, DirFdCache, Inode, InodeState, Table};
@@ -23,6 +23,8 @@ pub enum Target {
     At(Arc<OwnedFd>, CString),
     /// A directory: an O_PATH fd of the directory itself.
     Dir(Arc<OwnedFd>),
+    /// An unlinked, still open file: an O_PATH fd of it.
+    Orphan(Arc<OwnedFd>),
 }
 
 impl Target {
@@ -30,7 +32,7 @@ impl Target {
     pub fn stat(&self) -> io::Result<libc::stat> {
         match self {
             Target::At(d, n) => sys::fstatat(d.as_raw_fd(), n),
-            Target::Dir(fd) => sys::fstat(fd.as_raw_fd()),
+            Target::Dir(fd) | Target::Orphan(fd) => sys::fstat(fd.as_raw_fd()),
         }
     }
 
@@ -38,7 +40,7 @@ impl Target {
     pub fn xattr_path(&self) -> (CString, bool) {
         match self {
             Target::At(d, n) => (sys::proc_path(d.as_raw_fd(), Some(n)), false),
-            Target::Dir(fd) => (sys::proc_path(fd.as_raw_fd(), None), true),
+            Target::Dir(fd) | Target::Orphan(fd) => (sys::proc_path(fd.as_raw_fd(), None), true),
         }
     }
 
@@ -46,7 +48,7 @@ impl Target {
     pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
         match self {
             Target::At(d, n) => sys::fchownat(d.as_raw_fd(), n, uid, gid),
-            Target::Dir(fd) => sys::fchownat(fd.as_raw_fd(), c"", uid, gid),
+            Target::Dir(fd) | Target::Orphan(fd) => sys::fchownat(fd.as_raw_fd(), c"", uid, gid),
         }
     }
 
@@ -54,7 +56,7 @@ impl Target {
     pub fn chmod(&self, mode: u32) -> io::Result<()> {
         match self {
             Target::At(d, n) => sys::fchmodat(d.as_raw_fd(), n, mode),
-            Target::Dir(fd) => {
+            Target::Dir(fd) | Target::Orphan(fd) => {
                 sys::fchmodat(libc::AT_FDCWD, &sys::proc_path(fd.as_raw_fd(), None), mode)
             }
         }
@@ -64,7 +66,7 @@ impl Target {
     pub fn utimens(&self, ts: &[libc::timespec; 2]) -> io::Result<()> {
         match self {
             Target::At(d, n) => sys::utimensat(d.as_raw_fd(), n, ts, libc::AT_SYMLINK_NOFOLLOW),
-            Target::Dir(fd) => {
+            Target::Dir(fd) | Target::Orphan(fd) => {
                 sys::utimensat(libc::AT_FDCWD, &sys::proc_path(fd.as_raw_fd(), None), ts, 0)
             }
         }
@@ -75,6 +77,13 @@ impl Target {
         match self {
             Target::At(d, n) => sys::openat(d.as_raw_fd(), n, flags, 0),
             Target::Dir(fd) => sys::openat(fd.as_raw_fd(), c".", flags, 0),
+            // Re-opening through /proc is the one way to open an O_PATH fd's file.
+            Target::Orphan(fd) => sys::openat(
+                libc::AT_FDCWD,
+                &sys::proc_path(fd.as_raw_fd(), None),
+                flags & !libc::O_NOFOLLOW,
+                0,
+            ),
         }
     }
 }
@@ -121,18 +130,15 @@ impl Union {
                 break;
             }
         }
-        let root = Inode {
-            ino: fuser::INodeNo::ROOT.0,
-            kind: libc::S_IFDIR,
-            nlookup: AtomicU64::new(1),
-            state: Mutex::new(InodeState {
+        let root = Inode::new(
+            fuser::INodeNo::ROOT.0,
+            libc::S_IFDIR,
+            InodeState {
                 layer: 0,
                 stack,
                 ..Default::default()
-            }),
-            copy_lock: Mutex::new(()),
-            backing: Mutex::new(Weak::new()),
-        };
+            },
+        );
         let cap = (sys::nofile_limit() / 4).clamp(64, 65536) as usize;
         Union {
             layers,
@@ -179,14 +185,19 @@ impl Union {
 
     /// Where the object's real data is, and in which layer.
     pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
-        let (layer, name) = {
+        let (layer, name, orphan) = {
             let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned())
+            (st.layer, st.names.first().cloned(), st.orphan.clone())
         };
         if inode.is_dir() {
             return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
         }
-        let (p, name) = name.ok_or_else(|| errno(libc::ENOENT))?;
+        let Some((p, name)) = name else {
+            return match orphan {
+                Some(fd) => Ok((Target::Orphan(fd), layer)),
+                None => Err(errno(libc::ENOENT)),
+            };
+        };
         let parent = self.inode(p)?;
         let pfd = self.dir_fd(&parent, layer)?;
         Ok((Target::At(pfd, sys::cstr(&name)?), layer))
@@ -291,22 +302,17 @@ impl Union {
         } else {
             OsString::new()
         };
-        let inode = Arc::new(Inode {
+        let inode = Arc::new(Inode::new(
             ino,
             kind,
-            nlookup: AtomicU64::new(1),
-            state: Mutex::new(InodeState {
-                names: Vec::new(),
+            InodeState {
                 layer: r.layer,
                 stack: r.stack.clone(),
                 path,
-                dead: false,
                 upper_id: upper_key,
-                pt_written: false,
-            }),
-            copy_lock: Mutex::new(()),
-            backing: Mutex::new(Weak::new()),
-        });
+                ..Default::default()
+            },
+        ));
         t.map.insert(ino, inode.clone());
         t.add_name(&inode, parent.ino, name);
         if let Some(k) = upper_key {
@@ -385,6 +391,7 @@ impl Union {
         if inode.is_dir() {
             s.stack.insert(0, 0);
         }
+        inode.copied_up.store(true, Ordering::SeqCst);
         tracing::debug!("copied up {:?} (ino {})", name, inode.ino);
         Ok(())
     }
@@ -604,6 +611,15 @@ impl Union {
         let up = self.dir_fd(parent, 0)?;
         let cname = sys::cstr(name)?;
         let need_wh = self.lower_has(parent, &cname)?;
+        if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
+            if i.opens.load(Ordering::SeqCst) > 0 && lock(&i.state).names.len() == 1 {
+                // Still open: keep a handle on the file so fstat(2) and friends keep working.
+                let pfd = self.dir_fd(parent, r.layer)?;
+                if let Ok(fd) = sys::openat(pfd.as_raw_fd(), &cname, libc::O_PATH, 0) {
+                    lock(&i.state).orphan = Some(Arc::new(fd));
+                }
+            }
+        }
         if self.layers.is_upper(r.layer) {
             if need_wh {
                 self.replace_with_whiteout(up.as_raw_fd(), &cname)?;
