@@ -46,14 +46,43 @@ fn copy_xattrs(src: &CStr, dst: &CStr, follow: bool) {
     }
 }
 
-/// Copies file data with copy_file_range, falling back to read/write.
+/// Copies file data, keeping holes: each data extent (SEEK_DATA/SEEK_HOLE) is copied with
+/// copy_file_range (falling back to read/write), then the size is set with ftruncate.
 fn copy_data(src: RawFd, dst: RawFd, size: u64) -> io::Result<()> {
-    let (mut off_in, mut off_out) = (0i64, 0i64);
+    let mut pos: i64 = 0;
     let mut use_cfr = true;
     let mut buf = Vec::new();
-    while (off_in as u64) < size {
-        let left = (size - off_in as u64).min(1 << 30) as usize;
-        if use_cfr {
+    while (pos as u64) < size {
+        let start = match sys::lseek(src, pos, libc::SEEK_DATA) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            // No SEEK_DATA support: treat the whole file as data.
+            Err(_) => pos,
+        };
+        let end = match sys::lseek(src, start, libc::SEEK_HOLE) {
+            Ok(e) => e,
+            Err(_) => size as i64,
+        }
+        .min(size as i64);
+        copy_range(src, dst, start, end, &mut use_cfr, &mut buf)?;
+        pos = end;
+    }
+    sys::ftruncate(dst, size)
+}
+
+/// Copies bytes [start, end) from src to dst at the same offsets.
+fn copy_range(
+    src: RawFd,
+    dst: RawFd,
+    start: i64,
+    end: i64,
+    use_cfr: &mut bool,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let (mut off_in, mut off_out) = (start, start);
+    while off_in < end {
+        let left = ((end - off_in) as u64).min(1 << 30) as usize;
+        if *use_cfr {
             match sys::copy_file_range(src, &mut off_in, dst, &mut off_out, left) {
                 Ok(0) => break,
                 Ok(_) => continue,
@@ -63,7 +92,7 @@ fn copy_data(src: RawFd, dst: RawFd, size: u64) -> io::Result<()> {
                         Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
                     ) =>
                 {
-                    use_cfr = false;
+                    *use_cfr = false;
                     buf.resize(1 << 20, 0);
                 }
                 Err(e) => return Err(e),
