@@ -517,6 +517,28 @@ impl Drop for Scope<'_> {
     }
 }
 
+/// Fails unless one of the (string or number) values anywhere in `status` equals `want`
+/// (ignoring case): `docker volume inspect`'s Status is checked for what it must report without
+/// assuming the plugin's key names.
+pub fn expect_status_value(what: &str, status: &serde_json::Value, want: &str) -> Result<()> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s.to_lowercase()),
+            serde_json::Value::Number(n) => out.push(n.to_string()),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut values = Vec::new();
+    walk(status, &mut values);
+    if values.iter().any(|v| *v == want.to_lowercase()) {
+        Ok(())
+    } else {
+        bail!("{what}: no Status value equals {want:?}; Status is {status}")
+    }
+}
+
 /// Fails unless `text` contains `needle`, quoting both.
 pub fn expect_contains(what: &str, text: &str, needle: &str) -> Result<()> {
     if text.contains(needle) {

@@ -3,7 +3,7 @@
 //! works. A session mounted across a restart keeps serving its container and is committed by the
 //! new process when the container stops.
 
-use super::harness::{expect_contains, Scope};
+use super::harness::{expect_status_value, Scope};
 use super::plugin::Backend;
 use super::Harness;
 use anyhow::{ensure, Result};
@@ -43,8 +43,8 @@ pub fn restart_between(h: &Harness, backend: Backend) -> Result<()> {
         drv.trim() == name,
         "rs-one's driver after restart is {drv:?}, expected {name}"
     );
-    let st = s.status("rs-one")?.to_string();
-    expect_contains(
+    let st = s.status("rs-one")?;
+    expect_status_value(
         "docker volume inspect rs-one .Status after restart",
         &st,
         "rs",
@@ -114,8 +114,8 @@ pub fn restart_while_mounted(h: &Harness, backend: Backend) -> Result<()> {
         seen == "a\na.txt\nb.txt\n",
         "the running container's volume after a plugin restart shows {seen:?}"
     );
-    let st = s.status("rm-one")?.to_string();
-    expect_contains(
+    let st = s.status("rm-one")?;
+    expect_status_value(
         "docker volume inspect rm-one .Status after restart",
         &st,
         "rm",

@@ -39,14 +39,24 @@ pub fn install_signal_handlers() {
     }
 }
 
+/// Set once the interruption has been raised as a panic: teardown code that runs afterwards
+/// (during unwinding) must complete its commands, not panic again (which would abort).
+static INTERRUPT_RAISED: AtomicBool = AtomicBool::new(false);
+
 /// Whether the harness was asked to stop.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// Panics (unwinding into the teardown guards) when the harness was interrupted.
+/// Whether an interruption should be raised now: once only, and never while unwinding.
+fn should_raise_interrupt() -> bool {
+    interrupted() && !thread::panicking() && !INTERRUPT_RAISED.swap(true, Ordering::SeqCst)
+}
+
+/// Panics (unwinding into the teardown guards) when the harness was interrupted; only the first
+/// time, so that the teardown guards can run their own commands.
 pub fn check_interrupted() {
-    if interrupted() {
+    if should_raise_interrupt() {
         panic!("e2e: interrupted by signal");
     }
 }
@@ -106,17 +116,22 @@ fn ensure_nl(s: &str) -> String {
     }
 }
 
-/// A printable command line.
+/// A printable command line, quoted so that it can be pasted into a shell.
 pub fn describe_command(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        let a = a.to_string_lossy();
-        if a.contains(char::is_whitespace) || a.is_empty() {
-            s.push_str(&format!(" '{a}'"));
+    let quote = |a: &str| -> String {
+        let plain = !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
+        if plain {
+            a.to_string()
         } else {
-            s.push(' ');
-            s.push_str(&a);
+            format!("'{}'", a.replace('\'', r"'\''"))
         }
+    };
+    let mut s = quote(&cmd.get_program().to_string_lossy());
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&quote(&a.to_string_lossy()));
     }
     s
 }
@@ -161,7 +176,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration, desc: &str) -> Result<Exit
         if let Some(st) = child.try_wait()? {
             return Ok(st);
         }
-        if interrupted() {
+        if should_raise_interrupt() {
             let _ = child.kill();
             let _ = child.wait();
             panic!("e2e: interrupted by signal while running `{desc}`");
