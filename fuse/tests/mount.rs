@@ -1,0 +1,182 @@
+//! Real-mount smoke tests of the cachedriver-fuse binary. They need root and a usable
+//! /dev/fuse; without them they say so loudly and skip (a failure under CI=true). Every mount
+//! is unmounted by a Drop guard, even when an assertion fails.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cachedriver-fuse");
+
+/// Returns why real mounts cannot run here, if they cannot.
+fn cannot_mount() -> Option<String> {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Some(format!("/dev/fuse unusable: {e}"));
+    }
+    None
+}
+
+/// Skips (loudly) when mounting is impossible; fails instead under CI=true.
+fn require_mount() -> bool {
+    match cannot_mount() {
+        None => true,
+        Some(why) => {
+            eprintln!("SKIPPING cachedriver-fuse mount test: {why}");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: mount tests must run, but {why}"
+            );
+            false
+        }
+    }
+}
+
+/// A scratch tree with lower/upper/work/mnt, unmounted and removed on drop.
+struct Fixture {
+    dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in ["lower", "upper", "work", "mnt"] {
+            fs::create_dir(dir.path().join(d)).expect("mkdir");
+        }
+        Fixture {
+            dir,
+            mounted: false,
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn mount(&mut self, extra: &str) -> std::process::Output {
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}{extra}",
+            self.p("lower").display(),
+            self.p("upper").display(),
+            self.p("work").display()
+        );
+        let out = Command::new(BIN)
+            .arg("-o")
+            .arg(opts)
+            .arg(self.p("mnt"))
+            .output()
+            .expect("run cachedriver-fuse");
+        self.mounted = out.status.success();
+        out
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if self.mounted {
+            let c = std::ffi::CString::new(self.p("mnt").as_os_str().as_encoded_bytes())
+                .unwrap_or_default();
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn is_whiteout(p: &Path) -> bool {
+    fs::symlink_metadata(p)
+        .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        .unwrap_or(false)
+}
+
+#[test]
+fn read_through_copy_up_and_whiteouts() {
+    if !require_mount() {
+        return;
+    }
+    let mut f = Fixture::new();
+    fs::write(f.p("lower/a"), b"lower a\n").unwrap();
+    fs::create_dir_all(f.p("lower/d/sub")).unwrap();
+    fs::write(f.p("lower/d/sub/x"), b"x").unwrap();
+    fs::write(f.p("lower/gone"), b"g").unwrap();
+    let out = f.mount("");
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let m = f.p("mnt");
+    assert_eq!(fs::read(m.join("a")).unwrap(), b"lower a\n");
+    fs::write(m.join("a"), b"changed\n").unwrap();
+    assert_eq!(fs::read(f.p("upper/a")).unwrap(), b"changed\n");
+    assert_eq!(fs::read(f.p("lower/a")).unwrap(), b"lower a\n");
+
+    fs::remove_file(m.join("gone")).unwrap();
+    assert!(
+        is_whiteout(&f.p("upper/gone")),
+        "unlink of a lower file leaves a 0/0 whiteout"
+    );
+    assert!(!m.join("gone").exists());
+
+    fs::remove_dir_all(m.join("d")).unwrap();
+    assert!(is_whiteout(&f.p("upper/d")));
+    fs::create_dir(m.join("d")).unwrap();
+    assert_eq!(
+        fs::read_dir(m.join("d")).unwrap().count(),
+        0,
+        "new dir over a whiteout is opaque"
+    );
+
+    let mut names: Vec<_> = fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "d"]);
+}
+
+#[test]
+fn read_only_without_upper() {
+    if !require_mount() {
+        return;
+    }
+    let f = Fixture::new();
+    fs::write(f.p("lower/a"), b"a").unwrap();
+    let out = Command::new(BIN)
+        .arg("-o")
+        .arg(format!("lowerdir={}", f.p("lower").display()))
+        .arg(f.p("mnt"))
+        .output()
+        .unwrap();
+    let mut f = f;
+    f.mounted = out.status.success();
+    assert!(f.mounted, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read(f.p("mnt/a")).unwrap(), b"a");
+    let err = fs::write(f.p("mnt/b"), b"b").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+}
+
+#[test]
+fn bad_input_is_one_line_and_mounts_nothing() {
+    if !require_mount() {
+        return;
+    }
+    let mut f = Fixture::new();
+    fs::remove_dir(f.p("lower")).unwrap();
+    let out = f.mount("");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("lowerdir"), "{err}");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(f.p("mnt").to_str().unwrap()));
+}
