@@ -219,6 +219,22 @@ impl Plugin {
             .with_context(|| format!("no string state.latest in cache-state.json of {cache}: {st}"))
     }
 
+    /// Polls `state.latest` of `cache` (up to 15 s) until `pred` holds, and returns it; on
+    /// timeout returns the last value seen, for the caller's assertion to report. (Docker has
+    /// normally waited for our Unmount answer, i.e. the commit, before `docker rm`/`run --rm`
+    /// return; polling makes the checks independent of that.)
+    pub fn wait_latest(&self, cache: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            let cur = self.latest(cache);
+            match &cur {
+                Ok(v) if pred(v) => return cur,
+                _ if start.elapsed() > Duration::from_secs(15) => return cur,
+                _ => util::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// `merged/<cache>/<id>`: a session's mountpoint.
     pub fn merged(&self, cache: &str, id: &str) -> PathBuf {
         self.root.join("merged").join(cache).join(id)

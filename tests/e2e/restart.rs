@@ -19,7 +19,7 @@ pub fn restart_between(h: &Harness, backend: Backend) -> Result<()> {
     .check()?;
     s.plugin().wait_session_ended("rs", "one")?;
     ensure!(
-        s.plugin().latest("rs")? == "one",
+        s.plugin().wait_latest("rs", |l| l == "one")? == "one",
         "rs-one did not commit before the restart"
     );
 
@@ -64,7 +64,7 @@ pub fn restart_between(h: &Harness, backend: Backend) -> Result<()> {
     );
     s.plugin().wait_session_ended("rs", "two")?;
     ensure!(
-        s.plugin().latest("rs")? == "two",
+        s.plugin().wait_latest("rs", |l| l == "two")? == "two",
         "rs-two did not commit after the restart"
     );
 
@@ -82,7 +82,7 @@ pub fn restart_between(h: &Harness, backend: Backend) -> Result<()> {
         out.stdout
     );
     s.plugin().wait_session_ended("rs", "one")?;
-    let latest = s.plugin().latest("rs")?;
+    let latest = s.plugin().wait_latest("rs", |l| l != "two")?;
     ensure!(
         latest != "one" && latest != "two" && latest.starts_with("one"),
         "second commit of session id `one` should get a unique layer name derived from `one`; \
@@ -122,7 +122,7 @@ pub fn restart_while_mounted(h: &Harness, backend: Backend) -> Result<()> {
     )?;
     s.stop("rm-one")?;
     s.plugin().wait_session_ended("rm", "one")?;
-    let latest = s.plugin().latest("rm")?;
+    let latest = s.plugin().wait_latest("rm", |l| l == "one")?;
     ensure!(
         latest == "one",
         "the session mounted across the restart did not commit at its Unmount: latest={latest:?}"
@@ -178,7 +178,7 @@ pub fn dockerd_restart(h: &Harness, backend: Backend) -> Result<()> {
         );
     }
     s.plugin().wait_session_ended("dr", "two")?;
-    let latest = s.plugin().latest("dr")?;
+    let latest = s.plugin().wait_latest("dr", |l| l == "two")?;
     ensure!(
         latest == "two",
         "the container stopped by dockerd's shutdown did not commit its session: latest={latest:?}"

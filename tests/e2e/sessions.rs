@@ -98,7 +98,7 @@ fn shared_volume(s: &Scope) -> Result<()> {
     );
     s.stop("sh-b")?;
     p.wait_session_ended("sh", "both")?;
-    let latest = p.latest("sh")?;
+    let latest = p.wait_latest("sh", |l| l == "both")?;
     ensure!(
         latest == "both",
         "the shared session should commit once as layer `both`; latest={latest:?}"

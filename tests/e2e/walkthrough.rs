@@ -25,7 +25,7 @@ fn parent_of(p: &Plugin, cache: &str, layer: &str) -> Result<Option<String>> {
 }
 
 fn expect_latest(p: &Plugin, cache: &str, want: &str, why: &str) -> Result<()> {
-    let got = p.latest(cache)?;
+    let got = p.wait_latest(cache, |l| l == want)?;
     ensure!(
         got == want,
         "{why}: lower/{cache}/cache-state.json says latest={got:?}, expected {want:?}; state: {}",
