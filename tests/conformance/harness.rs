@@ -787,7 +787,7 @@ pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> i32) -> i32 {
                 libc::_exit(200);
             }
             let r = f();
-            libc::_exit(r.clamp(0, 255));
+            libc::_exit(if (0..=255).contains(&r) { r } else { 255 });
         },
         nix::unistd::ForkResult::Parent { child } => {
             match nix::sys::wait::waitpid(child, None).expect("waitpid") {
