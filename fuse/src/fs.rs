@@ -85,10 +85,12 @@ fn make_attr(ino: u64, st: &libc::stat, merged_dir: bool) -> FileAttr {
     }
 }
 
+/// A merged directory listing: names and types, "." and ".." first.
+type Listing = Arc<Vec<(std::ffi::OsString, FileType)>>;
+
 /// A snapshot of a merged directory listing, taken at opendir (and at rewind).
 struct DirHandle {
-    entries: Mutex<Arc<Vec<(std::ffi::OsString, FileType)>>>,
-    fresh: AtomicBool,
+    entries: Mutex<Option<Listing>>,
 }
 
 /// The mounted filesystem.
@@ -231,26 +233,22 @@ impl UnionFs {
         Ok(out)
     }
 
-    fn dir_entries(
-        &self,
-        ino: u64,
-        fh: FileHandle,
-        offset: u64,
-    ) -> io::Result<Arc<Vec<(std::ffi::OsString, FileType)>>> {
+    fn dir_entries(&self, ino: u64, fh: FileHandle, offset: u64) -> io::Result<Listing> {
         let h = lock(&self.dirs)
             .get(&fh.0)
             .cloned()
             .ok_or_else(|| errno(libc::EBADF))?;
-        if offset == 0 && !h.fresh.swap(false, Ordering::SeqCst) {
-            // rewinddir(3): show the directory as it is now.
-            let inode = self.u.inode(ino)?;
-            let snap = Arc::new(self.snapshot(&inode)?);
-            *lock(&h.entries) = snap.clone();
-            return Ok(snap);
+        let mut entries = lock(&h.entries);
+        match &*entries {
+            // Offset 0 is the first read or a rewinddir(3): list the directory as it is now.
+            Some(e) if offset != 0 => Ok(e.clone()),
+            _ => {
+                let inode = self.u.inode(ino)?;
+                let snap = Arc::new(self.snapshot(&inode)?);
+                *entries = Some(snap.clone());
+                Ok(snap)
+            }
         }
-        h.fresh.store(false, Ordering::SeqCst);
-        let e = lock(&h.entries).clone();
-        Ok(e)
     }
 
     /// Opens the real file for an open(2) of `inode`, copying it up first when writing.
@@ -786,15 +784,15 @@ impl Filesystem for UnionFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let res = self.u.inode(ino.0).and_then(|i| self.snapshot(&i));
-        match res {
-            Ok(entries) => {
+        match self.u.inode(ino.0) {
+            Ok(i) if i.is_dir() => {
+                // The listing is taken at the first readdir: a kernel serving readdir from its
+                // cache (FOPEN_CACHE_DIR) never asks, and then nothing is wasted.
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dirs).insert(
                     fh,
                     Arc::new(DirHandle {
-                        entries: Mutex::new(Arc::new(entries)),
-                        fresh: AtomicBool::new(true),
+                        entries: Mutex::new(None),
                     }),
                 );
                 reply.opened(
@@ -802,6 +800,7 @@ impl Filesystem for UnionFs {
                     FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
                 );
             }
+            Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(to_errno(e)),
         }
     }
