@@ -174,6 +174,26 @@ fn remove_sockets_of(pid: u32) {
     }
 }
 
+/// Warns about sockets in the plugin directory that nobody serves (not ours to remove): dockerd
+/// tries to activate every socket there on `docker volume ls`, and a dead one costs retries.
+fn warn_dead_plugin_sockets() {
+    let Ok(socks) = fs::read_dir(PLUGIN_SOCKET_DIR) else {
+        return;
+    };
+    for s in socks.flatten() {
+        let p = s.path();
+        if p.extension().is_some_and(|e| e == "sock")
+            && std::os::unix::net::UnixStream::connect(&p).is_err()
+        {
+            eprintln!(
+                "e2e: WARNING: {} accepts no connections (a dead plugin's socket); dockerd will \
+                 retry it on `docker volume ls`, slowing the suite down",
+                p.display()
+            );
+        }
+    }
+}
+
 /// One run: a private dockerd with the test image imported.
 pub struct Harness {
     pub run_dir: PathBuf,
@@ -204,6 +224,7 @@ impl Harness {
     /// Recovers stale runs, starts dockerd and imports the image.
     pub fn setup() -> Result<Harness> {
         recover_stale_runs();
+        warn_dead_plugin_sockets();
         let pid = std::process::id();
         let run_dir = base_dir().join(format!("run-{pid}"));
         if run_dir.exists() {
