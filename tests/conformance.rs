@@ -714,6 +714,168 @@ fn readdir_large(r: Run) {
     }
 }
 
+/// telldir/seekdir on a large merged dir: resuming at a saved position yields exactly the rest.
+fn readdir_seek(r: Run) {
+    let Some(t) = Ctx::new(r, big_setup) else {
+        return;
+    };
+    write(t.p("big/upper-only"), "u");
+    let path = cstr(&t.p("big"));
+    // SAFETY: libc dirent API on a stream we own; names copied out before the next readdir.
+    unsafe {
+        let d = libc::opendir(path.as_ptr());
+        assert!(!d.is_null());
+        let next = |d: *mut libc::DIR| -> Option<String> {
+            let e = libc::readdir(d);
+            if e.is_null() {
+                None
+            } else {
+                Some(
+                    std::ffi::CStr::from_ptr((*e).d_name.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            }
+        };
+        let mut head = Vec::new();
+        for _ in 0..2500 {
+            head.push(next(d).expect("short dir"));
+        }
+        let pos = libc::telldir(d);
+        let mut tail = Vec::new();
+        while let Some(n) = next(d) {
+            tail.push(n);
+        }
+        libc::seekdir(d, pos);
+        let mut again = Vec::new();
+        while let Some(n) = next(d) {
+            again.push(n);
+        }
+        libc::rewinddir(d);
+        let mut all = Vec::new();
+        while let Some(n) = next(d) {
+            all.push(n);
+        }
+        libc::closedir(d);
+        assert_eq!(
+            again, tail,
+            "seekdir(telldir()) did not resume at the same entry"
+        );
+        let mut first: Vec<String> = head.into_iter().chain(tail).collect();
+        first.sort();
+        all.sort();
+        assert_eq!(first, all, "rewinddir listing differs");
+        let want = 4000 + 1 + 2; // lowers' union, upper-only, "." and ".."
+        assert_eq!(all.len(), want);
+    }
+}
+
+/// Directory link counts and d_ino are what `find` and `du` rely on: they must match the kernel's
+/// (merged dirs report 1, meaning "unknown"; d_ino equals st_ino).
+fn dir_nlink_and_d_ino(r: Run) {
+    let Some(t) = Ctx::new(r, std_setup) else {
+        return;
+    };
+    let obs = t.same_as_kernel("st_nlink of dirs, d_ino vs st_ino", |m| {
+        mkdir(m.p("newdir/a"));
+        mkdir(m.p("dir/added"));
+        let nlink: Vec<(&str, u64)> = ["", "dir", "dir/sub", "deldir", "pub", "newdir", "opq"]
+            .iter()
+            .map(|r| (*r, lstat(m.p(r)).nlink()))
+            .collect();
+        let mut mismatched = Vec::new();
+        for d in ["", "dir", "dir/sub", "newdir"] {
+            let mut dir = nix::dir::Dir::open(
+                &m.p(d),
+                nix::fcntl::OFlag::O_RDONLY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            for e in dir.iter() {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == "." || name == ".." {
+                    continue;
+                }
+                let rel = if d.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{d}/{name}")
+                };
+                if e.ino() != ino(m.p(&rel)) {
+                    mismatched.push(rel);
+                }
+            }
+        }
+        (nlink, mismatched)
+    });
+    assert!(obs.1.is_empty(), "d_ino != st_ino for {:?}", obs.1);
+}
+
+/// Several threads copying up, creating, renaming and listing at once; the result must be exact.
+fn concurrent_ops(r: Run) {
+    fn setup(l: &Layers) {
+        for t in 0..4 {
+            mkdir(l.l1.join(format!("t{t}")));
+            for i in 0..200 {
+                write(l.l1.join(format!("t{t}/f{i}")), format!("{t}-{i}"));
+            }
+        }
+        mkdir(l.l1.join("shared"));
+    }
+    let Some(t) = Ctx::new(r, setup) else {
+        return;
+    };
+    let root = t.p("");
+    std::thread::scope(|sc| {
+        for th in 0..4 {
+            let root = root.clone();
+            sc.spawn(move || {
+                for i in 0..200 {
+                    let f = root.join(format!("t{th}/f{i}"));
+                    match i % 4 {
+                        0 => OpenOptions::new()
+                            .append(true)
+                            .open(&f)
+                            .unwrap()
+                            .write_all(b"+")
+                            .unwrap(),
+                        1 => fs::rename(&f, root.join(format!("shared/t{th}-f{i}"))).unwrap(),
+                        2 => fs::remove_file(&f).unwrap(),
+                        _ => write(root.join(format!("shared/new-{th}-{i}")), "n"),
+                    }
+                }
+            });
+        }
+        let root = root.clone();
+        sc.spawn(move || {
+            for _ in 0..50 {
+                let n = fs::read_dir(root.join("shared")).unwrap().count();
+                assert!(n <= 400);
+            }
+        });
+    });
+    for th in 0..4 {
+        let mut want: Vec<String> = (0..200)
+            .filter(|i| i % 4 == 0 || i % 4 == 3)
+            .map(|i| format!("f{i}"))
+            .collect();
+        want.sort();
+        assert_eq!(names(t.p(&format!("t{th}"))), want, "t{th}");
+        for i in (0..200).step_by(4) {
+            assert_eq!(read(t.p(&format!("t{th}/f{i}"))), format!("{th}-{i}+"));
+        }
+        for i in (1..200).step_by(4) {
+            assert_eq!(
+                read(t.p(&format!("shared/t{th}-f{i}"))),
+                format!("{th}-{i}")
+            );
+        }
+    }
+    assert_eq!(names(t.p("shared")).len(), 4 * 100);
+    assert_eq!(names(t.l1("t0")).len(), 200, "lower changed");
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Rename.
 
@@ -1099,6 +1261,8 @@ fn perm_setup(l: &Layers) {
     chmod(l1.join("sticky"), 0o1777);
     write(l1.join("sticky/rootfile"), "r");
     chmod(l1.join("sticky/rootfile"), 0o666);
+    write(l1.join("secret"), "s");
+    chmod(l1.join("secret"), 0o600);
 }
 
 /// Copy-up and creation done on behalf of a non-root caller: owners kept, setgid dirs, sticky dirs,
@@ -1116,6 +1280,17 @@ fn permissions_nonroot_copy_up(r: Run) {
         let sgid_new = cstr(&m.p("sgid/new"));
         let sgid_dir = cstr(&m.p("sgid/dir"));
         let rootfile = cstr(&m.p("sticky/rootfile"));
+        let secret = cstr(&m.p("secret"));
+        let sp = secret.as_ptr();
+        // SAFETY: raw syscalls only, see `as_user`.
+        let read_secret = as_user(1000, 1000, move || unsafe {
+            let fd = libc::open(sp, libc::O_RDONLY);
+            if fd < 0 {
+                return last_errno();
+            }
+            libc::close(fd);
+            0
+        });
         let (mp, sn, sd, rf) = (
             mine.as_ptr(),
             sgid_new.as_ptr(),
@@ -1169,7 +1344,14 @@ fn permissions_nonroot_copy_up(r: Run) {
             (md.uid(), md.gid(), md.mode() & 0o7777)
         };
         (
-            (append, chmod_own, chown_own, create_sgid, unlink_sticky),
+            (
+                append,
+                chmod_own,
+                chown_own,
+                create_sgid,
+                unlink_sticky,
+                read_secret,
+            ),
             md("home/mine.txt"),
             md("sgid/new"),
             md("sgid/dir"),
@@ -1178,6 +1360,7 @@ fn permissions_nonroot_copy_up(r: Run) {
         )
     });
     assert_eq!(obs.0 .0, 0, "owner appends to own lower file");
+    assert_eq!(obs.0 .5, libc::EACCES, "uid 1000 read a root 0600 file");
     assert_eq!(obs.1 .0, 1000, "copy-up kept the owner");
     assert_eq!(obs.4, "mine\n+");
     let up = lstat(t.upper("home/mine.txt"));
@@ -2073,6 +2256,9 @@ suite!(
     readdir_merged,
     readdir_large,
     readdir_while_deleting,
+    readdir_seek,
+    dir_nlink_and_d_ino,
+    concurrent_ops,
     unlink_open_file,
     copy_up_large_and_sparse,
     copy_up_dir_attrs,
