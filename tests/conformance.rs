@@ -6,8 +6,10 @@
 //! Layout: `conformance/harness.rs` mounts backends and holds helpers, `conformance/tree.rs` snapshots and
 //! diffs trees. Each behaviour below is a plain `fn(Run)`; the `suite!` macro at the bottom generates one
 //! `#[test]` per behaviour per backend (`kernel::read_through`, `fuse::read_through`, ...). Adding a
-//! backend is one line there. `fuse_overlayfs::*` (Debian's C fuse-overlayfs, a reference peer) is
-//! `#[ignore]`d: run it with `cargo test --test conformance -- --ignored`.
+//! backend is one line there (plus its mount recipe in the harness). The reference peers
+//! `fuse_overlayfs::*` (Debian's C fuse-overlayfs 1.10) and `fuse_overlayfs_2::*` (the Rust 2.0.0, which
+//! the backends bench installs) are `#[ignore]`d: run them with `cargo test --test conformance --
+//! --ignored`. Their failures are facts about them, not about us.
 //!
 //! `rootless::*` re-executes this test binary as uid 1000 inside `unshare -Urm` (an unprivileged user
 //! namespace, as rootless Docker and Podman run) on every behaviour except the few that need a second uid:
@@ -2233,6 +2235,7 @@ macro_rules! suite {
         backend_module!(kernel, super::Backend::Kernel, {}, $($test),*);
         backend_module!(fuse, super::Backend::Fuse, {}, $($test),*);
         backend_module!(fuse_overlayfs, super::Backend::FuseOverlayfs, {#[ignore = "reference peer (Debian fuse-overlayfs); run with --ignored"]}, $($test),*);
+        backend_module!(fuse_overlayfs_2, super::Backend::FuseOverlayfs2, {#[ignore = "reference peer (fuse-overlayfs 2.0.0); run with --ignored"]}, $($test),*);
     };
 }
 
@@ -2302,5 +2305,11 @@ mod rootless {
     #[ignore = "reference peer (Debian fuse-overlayfs); run with --ignored"]
     fn fuse_overlayfs() {
         super::rootless(super::Backend::FuseOverlayfs, "fuse_overlayfs");
+    }
+
+    #[test]
+    #[ignore = "reference peer (fuse-overlayfs 2.0.0); run with --ignored"]
+    fn fuse_overlayfs_2() {
+        super::rootless(super::Backend::FuseOverlayfs2, "fuse_overlayfs_2");
     }
 }

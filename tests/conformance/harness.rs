@@ -26,6 +26,9 @@ pub enum Backend {
     Fuse,
     /// Debian's fuse-overlayfs (C), a reference peer.
     FuseOverlayfs,
+    /// fuse-overlayfs 2.0.0 (the Rust rewrite), if the backends bench installed it into `<target>/fo2`
+    /// (or `FUSE_OVERLAYFS2` names a binary). A reference peer.
+    FuseOverlayfs2,
 }
 
 impl Backend {
@@ -34,6 +37,7 @@ impl Backend {
             Backend::Kernel => "kernel",
             Backend::Fuse => "fuse",
             Backend::FuseOverlayfs => "fuse-overlayfs",
+            Backend::FuseOverlayfs2 => "fuse-overlayfs-2",
         }
     }
 
@@ -105,9 +109,15 @@ pub fn unavailable(backend: Backend) -> Option<String> {
             static PROBE: OnceLock<Option<String>> = OnceLock::new();
             PROBE.get_or_init(probe_kernel).clone()
         }
-        Backend::Fuse | Backend::FuseOverlayfs => {
+        Backend::Fuse | Backend::FuseOverlayfs | Backend::FuseOverlayfs2 => {
             if !Path::new("/dev/fuse").exists() {
                 return Some("/dev/fuse does not exist".into());
+            }
+            if backend == Backend::FuseOverlayfs2 && !fuse_overlayfs2().is_file() {
+                return Some(format!(
+                    "{} is missing (`cargo bench --bench backends` installs it, or set FUSE_OVERLAYFS2)",
+                    fuse_overlayfs2().display()
+                ));
             }
             if backend == Backend::FuseOverlayfs && !Path::new(FUSE_OVERLAYFS).exists() {
                 return Some(format!(
@@ -120,6 +130,19 @@ pub fn unavailable(backend: Backend) -> Option<String> {
 }
 
 const FUSE_OVERLAYFS: &str = "/usr/bin/fuse-overlayfs";
+
+/// fuse-overlayfs 2.0.0: `$FUSE_OVERLAYFS2`, else `<target>/fo2/bin/fuse-overlayfs` (this test binary is
+/// `<target>/<profile>/deps/conformance-HASH`).
+fn fuse_overlayfs2() -> PathBuf {
+    if let Some(p) = std::env::var_os("FUSE_OVERLAYFS2") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .nth(3)
+        .unwrap_or(Path::new("target"))
+        .join("fo2/bin/fuse-overlayfs")
+}
 
 fn probe_kernel() -> Option<String> {
     let dir = tempfile::tempdir().ok()?;
@@ -289,9 +312,14 @@ impl MountGuard {
                     )));
                 }
             }
-            Backend::FuseOverlayfs => {
+            Backend::FuseOverlayfs | Backend::FuseOverlayfs2 => {
                 let opts = fuse_options(lowers, upper);
-                let child = Command::new(FUSE_OVERLAYFS)
+                let bin = if backend == Backend::FuseOverlayfs {
+                    PathBuf::from(FUSE_OVERLAYFS)
+                } else {
+                    fuse_overlayfs2()
+                };
+                let child = Command::new(bin)
                     .arg("-f")
                     .arg("-o")
                     .arg(&opts)
