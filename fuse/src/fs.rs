@@ -358,14 +358,16 @@ impl UnionFs {
         self.handle(fh)?.fd(&self.u)
     }
 
+    /// Open flags for a page-cache open. FOPEN_NOFLUSH everywhere: we have nothing to do at
+    /// close(2), so the kernel need not send FLUSH.
     fn cached_flags(&self, inode: &Inode) -> FopenFlags {
         let mut st = lock(&inode.state);
         if st.pt_written {
             // Written through passthrough: cached pages may be stale, let the kernel drop them.
             st.pt_written = false;
-            FopenFlags::empty()
+            FopenFlags::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
         }
     }
 
@@ -681,7 +683,7 @@ impl Filesystem for UnionFs {
         match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
             Ok(OpenMode::Passthrough(b)) => {
                 let fh = self.add_handle(inode, fd, flags.0, Some(b.clone()));
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b.id);
             }
             Ok(OpenMode::Cached) => {
                 let fl = self.cached_flags(&inode);
@@ -1054,7 +1056,7 @@ impl Filesystem for UnionFs {
                     &attr,
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    FopenFlags::FOPEN_NOFLUSH,
                     &b.id,
                 );
             }
