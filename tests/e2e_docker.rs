@@ -18,10 +18,11 @@
 
 mod e2e;
 
+use e2e::harness::Skip;
 use e2e::harness::{self, Precondition};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
-use e2e::{parity, restart, sessions, util, walkthrough, Harness};
+use e2e::{parity, podman, restart, sessions, util, walkthrough, Harness};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
@@ -63,6 +64,10 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
             format!("restart-while-mounted-{n}"),
             Box::new(move |h: &Harness| restart::restart_while_mounted(h, b)),
         ));
+        v.push((
+            format!("podman-{n}"),
+            Box::new(move |h: &Harness| podman::podman(h, b)),
+        ));
     }
     for b in [Backend::Kernel, Backend::Fuse] {
         v.push((
@@ -71,6 +76,24 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
         ));
     }
     v
+}
+
+/// A scenario's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    Failed,
+    Skipped,
+}
+
+impl Verdict {
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Failed => "FAILED",
+            Verdict::Skipped => "SKIPPED",
+        }
+    }
 }
 
 fn selected(name: &str) -> bool {
@@ -165,7 +188,7 @@ fn run_all() -> i32 {
         h.image,
         e2e::plugin::binary()
     );
-    let mut results: Vec<(String, bool, f64)> = Vec::new();
+    let mut results: Vec<(String, Verdict, f64)> = Vec::new();
     for (name, f) in scenarios() {
         if !selected(&name) {
             continue;
@@ -178,42 +201,57 @@ fn run_all() -> i32 {
         let t = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&h)));
         let secs = t.elapsed().as_secs_f64();
-        let ok = match outcome {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                println!("e2e: scenario {name} failed: {e:#}");
-                false
-            }
+        let verdict = match outcome {
+            Ok(Ok(())) => Verdict::Ok,
+            Ok(Err(e)) => match e.downcast_ref::<Skip>() {
+                Some(skip) if !required => {
+                    println!("e2e: scenario {name} SKIPPED: {}", skip.0);
+                    Verdict::Skipped
+                }
+                Some(skip) => {
+                    println!(
+                        "e2e: scenario {name} failed: {} (CI=true/CACHEDRIVER_REQUIRE_ALL=1 \
+                         forbids skipping)",
+                        skip.0
+                    );
+                    Verdict::Failed
+                }
+                None => {
+                    println!("e2e: scenario {name} failed: {e:#}");
+                    Verdict::Failed
+                }
+            },
             Err(p) => {
                 println!("e2e: scenario {name} panicked: {}", panic_message(&*p));
-                false
+                Verdict::Failed
             }
         };
-        if !ok {
+        if verdict == Verdict::Failed {
             print_logs(&h);
         }
-        println!(
-            "{:<8} {name} ({secs:.1}s)",
-            if ok { "ok" } else { "FAILED" }
-        );
-        results.push((name, ok, secs));
+        println!("{:<8} {name} ({secs:.1}s)", verdict.label());
+        results.push((name, verdict, secs));
     }
     h.teardown();
     drop(h);
-    let passed = results.iter().filter(|r| r.1).count();
-    let failed = results.len() - passed;
+    let count = |v: Verdict| results.iter().filter(|r| r.1 == v).count();
+    let (passed, failed, skipped) = (
+        count(Verdict::Ok),
+        count(Verdict::Failed),
+        count(Verdict::Skipped),
+    );
     println!(
         "e2e: summary ({:.0}s total):",
         start.elapsed().as_secs_f64()
     );
-    for (name, ok, secs) in &results {
-        println!(
-            "  {:<8} {name} ({secs:.1}s)",
-            if *ok { "ok" } else { "FAILED" }
-        );
+    for (name, v, secs) in &results {
+        println!("  {:<8} {name} ({secs:.1}s)", v.label());
     }
     if util::interrupted() {
         println!("e2e: interrupted; remaining scenarios not run");
+    }
+    if skipped > 0 {
+        println!("e2e: {skipped} skipped (see SKIPPED lines above)");
     }
     println!("e2e: {passed} passed, {failed} failed");
     if failed > 0 || util::interrupted() || results.is_empty() {

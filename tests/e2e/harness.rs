@@ -200,6 +200,8 @@ pub struct Harness {
     pub dockerd: Dockerd,
     /// The imported test image.
     pub image: String,
+    /// Its root filesystem as a tar (for `podman import`).
+    pub image_tar: PathBuf,
     pid: u32,
     plugins_started: Cell<usize>,
     /// Plugins of finished scenarios, kept running until teardown: dockerd remembers every
@@ -242,6 +244,7 @@ impl Harness {
             run_dir,
             dockerd,
             image: String::new(),
+            image_tar: PathBuf::new(),
             pid,
             plugins_started: Cell::new(0),
             retired: RefCell::new(Vec::new()),
@@ -250,6 +253,7 @@ impl Harness {
         };
         // on error `h` drops here and tears everything down
         h.image = image::build(&h.dockerd, &h.run_dir, &format!("cdtest:{pid}"))?;
+        h.image_tar = h.run_dir.join("image.tar");
         Ok(h)
     }
 
@@ -537,6 +541,19 @@ impl Drop for Scope<'_> {
         self.cleanup();
     }
 }
+
+/// A scenario that cannot run here, and why: reported as SKIPPED, or as a failure when the
+/// suite is [`required`].
+#[derive(Debug)]
+pub struct Skip(pub String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot run here: {}", self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
 
 /// Fails unless one of the (string or number) values anywhere in `status` equals `want`
 /// (ignoring case): `docker volume inspect`'s Status is checked for what it must report without

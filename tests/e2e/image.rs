@@ -2,7 +2,8 @@
 //! `/etc/passwd` with root and `user` (1000), `/tmp` 1777, `/home/user` and an EMPTY
 //! `/home/user/.cache` owned by 1000 (Docker copies that ownership onto an empty volume mounted
 //! there), and `/data` with files of varied modes, owners, times, a symlink and hard links (Docker
-//! copies them into an empty volume mounted there). Then `docker import`.
+//! copies them into an empty volume mounted there). Then `docker import` (the tar is kept for
+//! `podman import`).
 
 use super::daemon::Dockerd;
 use super::util;
@@ -47,7 +48,8 @@ fn mkdir(p: &Path, mode: u32, uid: u32, gid: u32) -> Result<()> {
     chown(p, uid, gid)
 }
 
-/// Builds the root filesystem in `dir/rootfs`, imports it as `tag` and returns the tag.
+/// Builds the root filesystem in `dir/rootfs`, imports it as `tag` and returns the tag. The
+/// archive stays at `dir/image.tar` for other engines (Podman) to import.
 pub fn build(dockerd: &Dockerd, dir: &Path, tag: &str) -> Result<String> {
     if !Path::new(BUSYBOX).exists() {
         bail!("{BUSYBOX} is missing: install busybox-static (scripts/install-deps.sh does)");
@@ -150,7 +152,6 @@ pub fn build(dockerd: &Dockerd, dir: &Path, tag: &str) -> Result<String> {
         .cli(&["import", "-c", "CMD [\"/bin/sh\"]", &tar_s, tag])?
         .check()
         .context("docker import of the test image")?;
-    let _ = fs::remove_file(&tar);
     let _ = fs::remove_dir_all(&root);
     Ok(tag.to_string())
 }

@@ -5,13 +5,14 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`].
 
 pub mod daemon;
 pub mod harness;
 pub mod image;
 pub mod parity;
 pub mod plugin;
+pub mod podman;
 pub mod restart;
 pub mod sessions;
 pub mod util;
