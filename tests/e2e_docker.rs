@@ -4,7 +4,14 @@
 //! busybox image serve every scenario; each scenario starts its own `cachedriver serve` as a
 //! legacy plugin with a unique name. Scenarios run one after another, each under `catch_unwind`
 //! and a guard that removes its containers, volumes and plugin; dockerd, its containerd, every
-//! mount and every temporary directory are removed at the end, also after a panic or Ctrl-C.
+//! mount and every temporary directory are removed at the end, also after a panic or Ctrl-C;
+//! what a killed run leaves behind is recovered by the next run.
+//!
+//! Scenarios (each on the kernel and on the FUSE backend): the seed walkthrough
+//! ([`walkthrough`]), parity with Docker's `local` driver ([`parity`], the `local` driver is the
+//! oracle; its determinism is proven first by `parity-oracle-selftest`), session sharing and
+//! concurrent merges ([`sessions`]), plugin and dockerd restarts ([`restart`]), Podman
+//! ([`podman`]).
 //!
 //! Run: `sudo -E cargo test --test e2e_docker` (root needed). Output: one `ok`/`FAILED` line per
 //! scenario, failure details with log tails, and `e2e: N passed, M failed`.
@@ -18,8 +25,7 @@
 
 mod e2e;
 
-use e2e::harness::Skip;
-use e2e::harness::{self, Precondition};
+use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
 use e2e::{parity, podman, restart, sessions, util, walkthrough, Harness};
