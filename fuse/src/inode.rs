@@ -111,6 +111,9 @@ pub struct Table {
     pub names: HashMap<(u64, OsString), u64>,
     /// Upper (dev, ino) → node id, so hard links in the upper share one inode.
     pub upper_ids: HashMap<(u64, u64), u64>,
+    /// Real (dev, ino) → node id, kept after forget so that st_ino stays stable for the life of
+    /// the mount (a few dozen bytes per object ever seen; the inodes themselves are freed).
+    pub ids: HashMap<(u64, u64), u64>,
     /// Next node id to hand out (never reused).
     pub next: u64,
 }
@@ -124,6 +127,7 @@ impl Table {
             map,
             names: HashMap::new(),
             upper_ids: HashMap::new(),
+            ids: HashMap::new(),
             next: 2,
         }
     }
@@ -165,6 +169,12 @@ impl Table {
         if !st.names.contains(&key) {
             st.names.push(key);
         }
+    }
+
+    /// Forgets the identity of a removed upper object (its inode number may be reused by the
+    /// filesystem for something else).
+    pub fn forget_identity(&mut self, st: &libc::stat) {
+        self.ids.remove(&(st.st_dev, st.st_ino));
     }
 
     /// Drops an inode the kernel has forgotten.

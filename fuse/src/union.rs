@@ -295,8 +295,22 @@ impl Union {
                 }
             }
         }
-        let ino = t.next;
-        t.next += 1;
+        // Lower hard links get a node id per name: a shared one could not tell which name an
+        // open-for-write means, and copy-up breaks lower hard links (as overlayfs index=off).
+        let stable_key =
+            (kind == libc::S_IFDIR || self.layers.is_upper(r.layer) || r.st.st_nlink <= 1)
+                .then_some((r.st.st_dev, r.st.st_ino));
+        let ino = match stable_key.and_then(|k| t.ids.get(&k).copied()) {
+            Some(id) if !t.map.contains_key(&id) => id,
+            _ => {
+                let i = t.next;
+                t.next += 1;
+                i
+            }
+        };
+        if let Some(k) = stable_key {
+            t.ids.insert(k, ino);
+        }
         let path = if kind == libc::S_IFDIR {
             layers::join(&lock(&parent.state).path, name)
         } else {
@@ -385,6 +399,11 @@ impl Union {
             let _ = layers::remove_tree(work, &tmp);
             tracing::warn!("copy-up of {:?}: {e}", name);
             return Err(e);
+        }
+        if let Ok(ust) = sys::fstatat(up.as_raw_fd(), &cname) {
+            wlock(&self.table)
+                .ids
+                .insert((ust.st_dev, ust.st_ino), inode.ino);
         }
         let mut s = lock(&inode.state);
         s.layer = 0;
@@ -629,7 +648,11 @@ impl Union {
         } else {
             self.put_whiteout(up.as_raw_fd(), &cname)?;
         }
-        wlock(&self.table).remove_name(parent.ino, name);
+        let mut t = wlock(&self.table);
+        t.remove_name(parent.ino, name);
+        if self.layers.is_upper(r.layer) && r.st.st_nlink <= 1 {
+            t.forget_identity(&r.st);
+        }
         Ok(())
     }
 
@@ -659,7 +682,13 @@ impl Union {
         } else {
             self.put_whiteout(up, &cname)?;
         }
-        let removed = wlock(&self.table).remove_name(parent.ino, name);
+        let removed = {
+            let mut t = wlock(&self.table);
+            if self.layers.is_upper(r.layer) {
+                t.forget_identity(&r.st);
+            }
+            t.remove_name(parent.ino, name)
+        };
         if let Some(d) = removed {
             let mut layers = {
                 let mut s = lock(&d.state);
@@ -835,6 +864,11 @@ impl Union {
             sys::renameat2(up, &cname, up2, &cnew, 0)?;
         }
         let mut t = wlock(&self.table);
+        if let Some(d) = dst {
+            if self.layers.is_upper(d.layer) && (is_dir_mode(d.st.st_mode) || d.st.st_nlink <= 1) {
+                t.forget_identity(&d.st);
+            }
+        }
         if let Some(old) = t.remove_name(newparent.ino, newname) {
             if old.is_dir() {
                 lock(&old.state).dead = true;
