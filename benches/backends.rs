@@ -14,8 +14,9 @@
 //! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_REPS` (3), `BENCH_BACKENDS`
 //! (comma list of `native,kernel,fuse,fuse-overlayfs,fuse-overlayfs-2`), `BENCH_DIR` (scratch parent,
 //! default `<target>/bench`), `BENCH_JSON` (output path), `BENCH_NO_INSTALL=1` (do not `cargo install`
-//! fuse-overlayfs 2.0.0). Every mount is unmounted and the scratch dir removed on exit, on panic and on
-//! SIGINT/SIGTERM.
+//! fuse-overlayfs 2.0.0), `BENCH_WORKLOADS` (comma list: `walk_cold,walk_warm,small_read,large_read,
+//! large_write,small_create,copy_up,delete`). Every mount is unmounted and the scratch dir removed on
+//! exit, on panic and on SIGINT/SIGTERM.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -260,30 +261,45 @@ fn resolve(kind: Kind, cfg: &Config) -> Backend {
 struct Registry {
     mounts: Vec<PathBuf>,
     scratch: Option<PathBuf>,
+    shutting_down: bool,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     mounts: Vec::new(),
     scratch: None,
+    shutting_down: false,
 });
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn cleanup_all() {
-    let (mounts, scratch) = {
-        let mut r = registry();
-        (std::mem::take(&mut r.mounts), r.scratch.take())
-    };
-    for m in mounts.iter().rev() {
+/// Records a mount point before mounting; the returned guard holds the registry lock until the mount
+/// exists, so [`cleanup_all`] (from the signal thread) either sees it mounted or prevents it.
+fn register_mount(p: &Path) -> io::Result<std::sync::MutexGuard<'static, Registry>> {
+    let mut r = registry();
+    if r.shutting_down {
+        return Err(io::Error::other("shutting down"));
+    }
+    r.mounts.push(p.to_path_buf());
+    Ok(r)
+}
+
+/// Unmounts everything registered and removes the scratch dir, holding the registry lock throughout.
+fn cleanup_locked(r: &mut Registry) {
+    r.shutting_down = true;
+    for m in std::mem::take(&mut r.mounts).iter().rev() {
         if nix::mount::umount2(m, nix::mount::MntFlags::empty()).is_err() {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
     }
-    if let Some(s) = scratch {
+    if let Some(s) = r.scratch.take() {
         let _ = fs::remove_dir_all(&s);
     }
+}
+
+fn cleanup_all() {
+    cleanup_locked(&mut registry());
 }
 
 /// Removes everything on drop (normal exit and panics that unwind through `main`).
@@ -306,7 +322,11 @@ fn install_signal_cleanup() {
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
             eprintln!("\nbench: {sig:?}: unmounting and removing scratch ...");
-            cleanup_all();
+            // Keep the lock until the process is gone: the main thread blocks at its next mount,
+            // unmount or before writing results, instead of carrying on over a torn-down scratch dir.
+            let mut r = registry();
+            cleanup_locked(&mut r);
+            eprintln!("bench: interrupted; nothing written");
             std::process::exit(130);
         }
     });
@@ -370,7 +390,8 @@ impl Instance {
                 fs::create_dir(&upper)?;
                 fs::create_dir(&work)?;
                 let kopts = format!("{opts},index=off,redirect_dir=off,metacopy=off");
-                registry().mounts.push(inst.view.clone());
+                // Registered and mounted under the registry lock, so a signal's cleanup never misses it.
+                let _reg = register_mount(&inst.view)?;
                 inst.mounted = true;
                 nix::mount::mount(
                     Some("overlay"),
@@ -402,11 +423,13 @@ impl Instance {
                         cmd.arg("-f").arg("-o").arg(&opts);
                     }
                 }
+                // stderr goes to a file: a pipe we stop reading could block or kill a foreground daemon.
+                let errlog = dir.join("stderr");
                 cmd.arg(&inst.view)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
-                registry().mounts.push(inst.view.clone());
+                    .stderr(File::create(&errlog)?);
+                let _reg = register_mount(&inst.view)?;
                 inst.mounted = true;
                 let mut child = cmd.spawn()?;
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -416,10 +439,7 @@ impl Instance {
                     }
                     if let Some(status) = child.try_wait()? {
                         if !status.success() || fs_type(&inst.view) != Some(FUSE_SUPER_MAGIC) {
-                            let mut err = String::new();
-                            if let Some(mut e) = child.stderr.take() {
-                                let _ = e.read_to_string(&mut err);
-                            }
+                            let err = fs::read_to_string(&errlog).unwrap_or_default();
                             return Err(io::Error::other(format!(
                                 "{} exited with {status} without mounting: {}",
                                 bin.display(),
@@ -438,8 +458,6 @@ impl Instance {
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                // Do not let a full stderr pipe block a foreground daemon.
-                drop(child.stderr.take());
                 inst.child = Some(child);
             }
         }
@@ -856,6 +874,7 @@ fn report(
     cfg: &Config,
     backends: &[Backend],
     res: &Results,
+    skipped: &[(&'static str, String)],
     started: Instant,
 ) -> serde_json::Value {
     let cols: Vec<&Backend> = backends.iter().collect();
@@ -944,6 +963,12 @@ fn report(
         md.push_str(&missing.join("\n"));
         md.push('\n');
     }
+    if !skipped.is_empty() {
+        md.push_str("\nSkipped workloads:\n");
+        for (w, why) in skipped {
+            md.push_str(&format!("- {w}: {why}\n"));
+        }
+    }
     println!("{md}");
     let uname = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -965,6 +990,7 @@ fn report(
             "missing": b.missing,
         })).collect::<Vec<_>>(),
         "workloads": json_work,
+        "skipped_workloads": skipped.iter().map(|(w, why)| serde_json::json!({"workload": w, "why": why})).collect::<Vec<_>>(),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "markdown": md,
     })
@@ -1021,7 +1047,28 @@ fn main() {
         amount: BTreeMap::new(),
     };
     let mut seq = 0;
+    let mut skipped: Vec<(&'static str, String)> = Vec::new();
+    if let Err(e) = drop_caches() {
+        eprintln!("bench: cannot drop caches ({e}): skipping walk_cold");
+        skipped.push((
+            Workload::WalkCold.name(),
+            format!("cannot write /proc/sys/vm/drop_caches: {e}"),
+        ));
+    }
+    let only: Option<Vec<String>> = std::env::var("BENCH_WORKLOADS")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
     for w in Workload::ALL {
+        if skipped.iter().any(|(n, _)| *n == w.name()) {
+            continue;
+        }
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == w.name()))
+        {
+            skipped.push((w.name(), "not in BENCH_WORKLOADS".into()));
+            continue;
+        }
         let t0 = Instant::now();
         for _rep in 0..cfg.reps {
             for b in backends.iter_mut() {
@@ -1054,7 +1101,10 @@ fn main() {
             t0.elapsed().as_secs_f64()
         );
     }
-    let json = report(&cfg, &backends, &res, started);
+    if registry().shutting_down {
+        return;
+    }
+    let json = report(&cfg, &backends, &res, &skipped, started);
     if let Some(parent) = cfg.json.parent() {
         fs::create_dir_all(parent).expect("json dir");
     }
