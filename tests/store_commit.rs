@@ -600,10 +600,12 @@ fn rootless_inside_a_user_namespace() {
             text.contains("1 passed"),
             "{test} did not run inside the namespace:\n{text}"
         );
-        assert!(
-            text.contains("-- backend kernel"),
-            "{test}: kernel backend did not run rootless:\n{text}"
-        );
+        for b in ["kernel", "fuse"] {
+            assert!(
+                text.contains(&format!("-- backend {b}")),
+                "{test}: {b} backend did not run rootless:\n{text}"
+            );
+        }
     }
 }
 
