@@ -961,8 +961,13 @@ fn rename_lower_dir(r: Run) {
             names(m.p("dir")),
         )
     });
-    // The kernel oracle decides; these just document what it said.
-    eprintln!("rename of lower dirs: {:?}", (&obs.0, &obs.1, &obs.2));
+    // Our mount contract (redirect_dir off/nofollow) means no redirect xattrs, so an upper stays a valid
+    // lower: the kernel must refuse these renames, and a backend must refuse them the same way.
+    assert_eq!(
+        [obs.0.as_str(), obs.1.as_str(), obs.2.as_str()],
+        ["EXDEV"; 3],
+        "renaming a lower dir must fail with EXDEV (callers fall back to copying)"
+    );
     assert_eq!(names(t.p("deldir")), strs(&["x", "y"]));
     assert_lowers_untouched(&t);
 }
