@@ -451,6 +451,109 @@ fn copy_up_while_open(r: Run) {
     assert_lowers_untouched(&t);
 }
 
+/// Opening a lower file for writing copies it up at open (the kernel does; a later write may never come),
+/// and opening it read-only never does.
+fn copy_up_on_open_for_write(r: Run) {
+    let Some(t) = Ctx::new(r, std_setup) else {
+        return;
+    };
+    let obs = t.same_as_kernel("copy-up at open(O_WRONLY) without a write", |m| {
+        drop(fs::File::open(m.p("a.txt")).unwrap());
+        drop(OpenOptions::new().read(true).open(m.p("dir/one")).unwrap());
+        let ro = (exists(m.upper("a.txt")), exists(m.upper("dir/one")));
+        drop(
+            OpenOptions::new()
+                .write(true)
+                .open(m.p("shadow.txt"))
+                .unwrap(),
+        );
+        drop(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(m.p("dir/sub/deep"))
+                .unwrap(),
+        );
+        let rw = (
+            exists(m.upper("shadow.txt")),
+            exists(m.upper("dir/sub/deep")),
+        );
+        (ro, rw, read(m.p("shadow.txt")))
+    });
+    assert_eq!(obs.0, (false, false), "a read-only open copied up");
+    assert_eq!(obs.2, "from L2\n");
+}
+
+/// flock(2) and POSIX record locks on merged files (cargo, npm, gradle lock their caches this way).
+fn file_locks(r: Run) {
+    use nix::fcntl::{Flock, FlockArg};
+    let Some(t) = Ctx::new(r, std_setup) else {
+        return;
+    };
+    let obs = t.same_as_kernel("flock and fcntl locks", |m| {
+        let a = fs::File::open(m.p("a.txt")).unwrap();
+        let b = fs::File::open(m.p("a.txt")).unwrap();
+        let held = Flock::lock(a, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let second = match Flock::lock(b, FlockArg::LockExclusiveNonblock) {
+            Ok(_) => "ok".to_string(),
+            Err((_, e)) => format!("{e:?}"),
+        };
+        let a = held.unlock().map_err(|(_, e)| e).unwrap();
+        let b = fs::File::open(m.p("a.txt")).unwrap();
+        let after_unlock = outcome(
+            &Flock::lock(b, FlockArg::LockExclusiveNonblock)
+                .map(|_| ())
+                .map_err(|(_, e)| std::io::Error::from(e)),
+        );
+        drop(a);
+        // POSIX write lock held here; a forked child (another process) must be refused.
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.p("shadow.txt"))
+            .unwrap();
+        let lk = libc::flock {
+            l_type: libc::F_WRLCK as i16,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        // SAFETY: valid fd and struct.
+        let set = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &lk) };
+        let fd = f.as_raw_fd();
+        let child = in_child(move || {
+            let lk = libc::flock {
+                l_type: libc::F_WRLCK as i16,
+                l_whence: libc::SEEK_SET as i16,
+                l_start: 0,
+                l_len: 0,
+                l_pid: 0,
+            };
+            // SAFETY: raw syscall on an inherited fd.
+            if unsafe { libc::fcntl(fd, libc::F_SETLK, &lk) } == 0 {
+                0
+            } else {
+                last_errno()
+            }
+        });
+        (second, after_unlock, set, child)
+    });
+    assert_eq!(
+        obs.0, "EAGAIN",
+        "a second flock(LOCK_EX) must be refused (EWOULDBLOCK)"
+    );
+    assert_eq!(obs.1, "ok");
+    assert_eq!(obs.2, 0);
+    assert!(
+        obs.3 == libc::EAGAIN || obs.3 == libc::EACCES,
+        "POSIX lock not enforced across processes: {}",
+        obs.3
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Whiteouts and opaque dirs.
 
@@ -1073,6 +1176,26 @@ fn fifos_and_sockets(r: Run) {
     let md = lstat(t.upper("lfifo"));
     assert!(md.file_type().is_fifo());
     assert_eq!(md.mode() & 0o777, 0o600);
+    let devs = t.same_as_kernel("mknod of a char device, user xattr on a symlink", |m| {
+        let dev = outcome(
+            &mknod(
+                &m.p("null"),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(1, 3),
+            )
+            .map_err(std::io::Error::from),
+        );
+        let rdev = fs::symlink_metadata(m.p("null"))
+            .map(|md| (md.file_type().is_char_device(), md.rdev()));
+        let on_link = outcome(&setxattr(m.p("link"), "user.x", b"1"));
+        (dev, rdev.map_err(|e| errname(&e)), on_link)
+    });
+    eprintln!(
+        "{} [{}]: char device, xattr on symlink: {devs:?}",
+        r.test,
+        r.backend.name()
+    );
     // A real unix socket bound in the merged dir.
     let l = std::os::unix::net::UnixListener::bind(t.p("bound.sock")).unwrap();
     assert!(lstat(t.p("bound.sock")).file_type().is_socket());
@@ -1270,6 +1393,9 @@ fn perm_setup(l: &Layers) {
     chmod(l1.join("sticky/rootfile"), 0o666);
     write(l1.join("secret"), "s");
     chmod(l1.join("secret"), 0o600);
+    mkdir(l1.join("rootdir/deeper"));
+    write(l1.join("rootdir/deeper/world.txt"), "w");
+    chmod(l1.join("rootdir/deeper/world.txt"), 0o666);
 }
 
 /// Copy-up and creation done on behalf of a non-root caller: owners kept, setgid dirs, sticky dirs,
@@ -1287,6 +1413,17 @@ fn permissions_nonroot_copy_up(r: Run) {
         let sgid_new = cstr(&m.p("sgid/new"));
         let sgid_dir = cstr(&m.p("sgid/dir"));
         let rootfile = cstr(&m.p("sticky/rootfile"));
+        let world = cstr(&m.p("rootdir/deeper/world.txt"));
+        let wp = world.as_ptr();
+        // SAFETY: raw syscalls only, see `as_user`.
+        let write_world = as_user(1000, 1000, move || unsafe {
+            let fd = libc::open(wp, libc::O_WRONLY | libc::O_APPEND);
+            if fd < 0 || libc::write(fd, b"+".as_ptr().cast(), 1) != 1 {
+                return last_errno();
+            }
+            libc::close(fd);
+            0
+        });
         let secret = cstr(&m.p("secret"));
         let sp = secret.as_ptr();
         // SAFETY: raw syscalls only, see `as_user`.
@@ -1358,16 +1495,22 @@ fn permissions_nonroot_copy_up(r: Run) {
                 create_sgid,
                 unlink_sticky,
                 read_secret,
+                write_world,
             ),
             md("home/mine.txt"),
             md("sgid/new"),
             md("sgid/dir"),
             read(m.p("home/mine.txt")),
             exists(m.p("sticky/rootfile")),
+            (md("rootdir/deeper/world.txt"), md("rootdir/deeper")),
         )
     });
     assert_eq!(obs.0 .0, 0, "owner appends to own lower file");
     assert_eq!(obs.0 .5, libc::EACCES, "uid 1000 read a root 0600 file");
+    assert_eq!(
+        obs.0 .6, 0,
+        "uid 1000 appends to a root 0666 file under root 0755 dirs (copy-up by the fs)"
+    );
     assert_eq!(obs.1 .0, 1000, "copy-up kept the owner");
     assert_eq!(obs.4, "mine\n+");
     let up = lstat(t.upper("home/mine.txt"));
@@ -2256,6 +2399,8 @@ suite!(
     copy_up_parent_dirs,
     copy_up_link,
     copy_up_while_open,
+    copy_up_on_open_for_write,
+    file_locks,
     whiteout_unlink,
     whiteout_rmdir,
     opaque_after_rmdir_mkdir,

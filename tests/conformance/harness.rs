@@ -256,6 +256,7 @@ pub struct MountGuard {
     child: Option<Child>,
     /// Our daemon's pid file; we wait for that process to exit after unmount.
     pidfile: Option<PathBuf>,
+    upper: Option<PathBuf>,
 }
 
 impl MountGuard {
@@ -272,6 +273,7 @@ impl MountGuard {
             mounted: false,
             child: None,
             pidfile: None,
+            upper: upper.map(|(u, _)| u.to_path_buf()),
         };
         match backend {
             Backend::Kernel => {
@@ -352,6 +354,14 @@ impl MountGuard {
         } else {
             self.mnt.join(rel)
         }
+    }
+
+    /// `rel` in the upper dir (panics on a read-only mount).
+    pub fn upper(&self, rel: &str) -> PathBuf {
+        self.upper
+            .as_ref()
+            .expect("mount has an upper dir")
+            .join(rel)
     }
 
     /// Unmounts now and waits until the daemon (if any) has gone, so the upper dir is final.
@@ -805,14 +815,25 @@ pub fn strs(v: &[&str]) -> Vec<String> {
 /// (0 for success, else an errno). `f` runs after fork in a multi-threaded process: it must only make raw
 /// syscalls on data prepared before the call (no allocation, no locks, no panics).
 pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> i32) -> i32 {
+    fork_run(Some((uid, gid)), f)
+}
+
+/// Runs `f` in a forked child (another process, same credentials); same rules as [`as_user`].
+pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
+    fork_run(None, f)
+}
+
+fn fork_run(creds: Option<(u32, u32)>, f: impl FnOnce() -> i32) -> i32 {
     // SAFETY: the child only makes async-signal-safe syscalls and then `_exit`s.
     match unsafe { nix::unistd::fork() }.expect("fork") {
         nix::unistd::ForkResult::Child => unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
-            {
-                libc::_exit(200);
+            if let Some((uid, gid)) = creds {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(gid, gid, gid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    libc::_exit(200);
+                }
             }
             let r = f();
             libc::_exit(if (0..=255).contains(&r) { r } else { 255 });
@@ -820,13 +841,10 @@ pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> i32) -> i32 {
         nix::unistd::ForkResult::Parent { child } => {
             match nix::sys::wait::waitpid(child, None).expect("waitpid") {
                 nix::sys::wait::WaitStatus::Exited(_, code) => {
-                    assert_ne!(
-                        code, 200,
-                        "as_user: could not switch to uid {uid} gid {gid}"
-                    );
+                    assert_ne!(code, 200, "could not switch to {creds:?}");
                     code
                 }
-                other => panic!("as_user child ended with {other:?}"),
+                other => panic!("forked child ended with {other:?}"),
             }
         }
     }
