@@ -2141,6 +2141,26 @@ fn script(m: &MountGuard) {
     nix::unistd::truncate(&m.p("dir/three"), 1).unwrap();
     fs::remove_file(m.p("link")).unwrap();
     write(m.p("link"), "now a file");
+    // Things that must leave no trace: pure-upper entries created and removed again.
+    mkdir(m.p("dir/tmpdir/inner"));
+    fs::remove_dir(m.p("dir/tmpdir/inner")).unwrap();
+    fs::remove_dir(m.p("dir/tmpdir")).unwrap();
+    write(m.p("dir/sub/tmpfile"), "t");
+    fs::remove_file(m.p("dir/sub/tmpfile")).unwrap();
+    // A copied-up file then removed: only a whiteout remains.
+    OpenOptions::new()
+        .append(true)
+        .open(m.p("dir/three"))
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    fs::remove_file(m.p("dir/three")).unwrap();
+    // Upper file renamed over a lower name; xattr on a dir; a new file in a 0777 lower dir.
+    write(m.p("atomic.tmp"), "atomic");
+    fs::rename(m.p("atomic.tmp"), m.p("ro.txt")).unwrap();
+    setxattr(m.p("pub"), "user.dir", b"d").unwrap();
+    write(m.p("pub/made"), "m");
+    fs::remove_file(m.p("lfifo")).unwrap();
 }
 
 struct KernelRun {
