@@ -105,7 +105,7 @@ fn assert_lowers_untouched(t: &Ctx) {
         (CU_MODE, CU_MTIME, CU_CONTENT.len() as u64)
     );
     assert_eq!(read(t.l1("cu")), CU_CONTENT);
-    assert_eq!(listxattr(t.l1("cu")).unwrap(), strs(&["user.test"]));
+    assert_eq!(user_xattrs(t.l1("cu")).unwrap(), strs(&["user.test"]));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ fn copy_up(r: Run, op: fn(&Path), ch: Change) {
             want.push(k);
         }
         if what == "merged" {
-            assert_eq!(listxattr(&p).unwrap(), strs(&want), "merged listxattr");
+            assert_eq!(user_xattrs(&p).unwrap(), strs(&want), "merged listxattr");
         }
     }
     assert_lowers_untouched(&t);
@@ -1226,7 +1226,7 @@ fn xattr_user(r: Run) {
         assert_eq!(getxattr(&p, "user.k").unwrap(), b"value");
         assert_eq!(getxattr(&p, "user.k2").unwrap(), b"");
         assert_eq!(
-            listxattr(&p).unwrap(),
+            user_xattrs(&p).unwrap(),
             strs(&["user.k", "user.k2"]),
             "{rel}"
         );
@@ -1235,7 +1235,7 @@ fn xattr_user(r: Run) {
         removexattr(&p, "user.k").unwrap();
         assert_eq!(outcome(&getxattr(&p, "user.k")), "ENODATA");
         assert_eq!(outcome(&removexattr(&p, "user.k")), "ENODATA");
-        assert_eq!(listxattr(&p).unwrap(), strs(&["user.k2"]));
+        assert_eq!(user_xattrs(&p).unwrap(), strs(&["user.k2"]));
         assert_eq!(
             getxattr(t.upper(rel), "user.k2").unwrap(),
             b"",
@@ -1243,7 +1243,7 @@ fn xattr_user(r: Run) {
         );
     }
     assert_eq!(
-        listxattr(t.l1("a.txt")).unwrap(),
+        user_xattrs(t.l1("a.txt")).unwrap(),
         Vec::<String>::new(),
         "lower changed"
     );

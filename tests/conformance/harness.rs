@@ -859,3 +859,11 @@ pub fn last_errno() -> i32 {
 pub fn ino(p: impl AsRef<Path>) -> u64 {
     lstat(p).ino()
 }
+
+/// The `user.*` xattr names of `p`, sorted (hosts with SELinux or ACLs add `security.*`/`system.*`).
+pub fn user_xattrs(p: impl AsRef<Path>) -> io::Result<Vec<String>> {
+    Ok(listxattr(p)?
+        .into_iter()
+        .filter(|n| n.starts_with("user."))
+        .collect())
+}
