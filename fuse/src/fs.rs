@@ -141,7 +141,7 @@ impl Handle {
                         | libc::O_TRUNC
                         | libc::O_NOCTTY
                         | libc::O_DIRECT);
-                let nfd = Arc::new(t.open(fl)?);
+                let nfd = Arc::new(t.open_file(fl)?.0);
                 *wlock(&self.fd) = nfd;
                 self.upper.store(true, Ordering::Release);
             }
@@ -189,6 +189,10 @@ impl UnionFs {
             Some(h) if !inode.is_dir() => sys::fstat(h.fd(&self.u)?.as_raw_fd())?,
             _ => self.u.target(inode)?.0.stat()?,
         };
+        if st.st_mode & libc::S_IFMT != inode.kind {
+            // The name was replaced under us (e.g. by a whiteout mid-unlink): stale.
+            return Err(errno(libc::ENOENT));
+        }
         let merged = inode.is_dir() && lock(&inode.state).stack.len() > 1;
         Ok(make_attr(inode.ino, &st, merged))
     }
@@ -252,7 +256,7 @@ impl UnionFs {
     }
 
     /// Opens the real file for an open(2) of `inode`, copying it up first when writing.
-    fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> io::Result<OwnedFd> {
+    fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> io::Result<(OwnedFd, libc::stat)> {
         let acc = flags & libc::O_ACCMODE;
         let trunc = flags & libc::O_TRUNC != 0;
         if acc != libc::O_RDONLY || trunc {
@@ -263,7 +267,7 @@ impl UnionFs {
         }
         let (t, _) = self.u.target(inode)?;
         let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
-        t.open(oflags)
+        t.open_file(oflags)
     }
 
     /// Decides passthrough or page cache for an open file, counting the open on the inode.
@@ -272,6 +276,7 @@ impl UnionFs {
         &self,
         inode: &Inode,
         fd: &OwnedFd,
+        st: &libc::stat,
         writable: bool,
         open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
     ) -> io::Result<OpenMode> {
@@ -286,7 +291,6 @@ impl UnionFs {
         {
             return cached(inode);
         }
-        let st = sys::fstat(fd.as_raw_fd())?;
         let real = (st.st_dev, st.st_ino);
         if let Some(b) = live {
             if b.real != real {
@@ -409,7 +413,7 @@ impl UnionFs {
                 None => false,
             };
             if !via_fh {
-                let f = t.open(libc::O_WRONLY)?;
+                let (f, _) = t.open_file(libc::O_WRONLY)?;
                 sys::ftruncate(f.as_raw_fd(), sz)?;
             }
         }
@@ -664,8 +668,8 @@ impl Filesystem for UnionFs {
         let res = (|| {
             let i = self.u.inode(ino.0)?;
             let np = self.u.inode(newparent.0)?;
-            self.u.link(&i, &np, newname)?;
-            self.attr_of(&i, None).map(Some)
+            let st = self.u.link(&i, &np, newname)?;
+            Ok(Some(make_attr(i.ino, &st, false)))
         })();
         self.reply_entry(res, reply);
     }
@@ -675,12 +679,14 @@ impl Filesystem for UnionFs {
             Ok(i) => i,
             Err(e) => return reply.error(to_errno(e)),
         };
-        let fd = match self.open_real(&inode, flags.0) {
-            Ok(fd) => fd,
+        let (fd, st) = match self.open_real(&inode, flags.0) {
+            Ok(f) => f,
             Err(e) => return reply.error(to_errno(e)),
         };
         let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
+        match self.open_mode(&inode, &fd, &st, writable, |fd| {
+            reply.open_backing(fd.as_fd())
+        }) {
             Ok(OpenMode::Passthrough(b)) => {
                 let fh = self.add_handle(inode, fd, flags.0, Some(b.clone()));
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b.id);
@@ -1047,8 +1053,14 @@ impl Filesystem for UnionFs {
         let (Some(fd), Ok(inode)) = (file, self.u.inode(attr.ino.0)) else {
             return reply.error(Errno::EIO);
         };
+        let st = match sys::fstat(fd.as_raw_fd()) {
+            Ok(st) => st,
+            Err(e) => return reply.error(to_errno(e)),
+        };
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.open_mode(&inode, &fd, writable, |fd| reply.open_backing(fd.as_fd())) {
+        match self.open_mode(&inode, &fd, &st, writable, |fd| {
+            reply.open_backing(fd.as_fd())
+        }) {
             Ok(OpenMode::Passthrough(b)) => {
                 let fh = self.add_handle(inode, fd, flags, Some(b.clone()));
                 reply.created_passthrough(

@@ -254,6 +254,12 @@ pub fn pwrite_full(fd: RawFd, data: &[u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
+/// `fcntl(F_SETFL)` (only O_APPEND, O_NONBLOCK, O_DIRECT, O_NOATIME and O_ASYNC change).
+pub fn set_fl(fd: RawFd, flags: i32) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(drop)
+}
+
 /// `ftruncate`.
 pub fn ftruncate(fd: RawFd, size: u64) -> io::Result<()> {
     // SAFETY: plain syscall.

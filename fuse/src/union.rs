@@ -72,19 +72,40 @@ impl Target {
         }
     }
 
-    /// Opens the object (never following a final symlink).
-    pub fn open(&self, flags: i32) -> io::Result<OwnedFd> {
-        match self {
-            Target::At(d, n) => sys::openat(d.as_raw_fd(), n, flags, 0),
-            Target::Dir(fd) => sys::openat(fd.as_raw_fd(), c".", flags, 0),
+    /// Opens a regular file (never following a final symlink). O_NONBLOCK during the open and a
+    /// type check after it mean that whatever a concurrent rename put under the name (a FIFO, a
+    /// device node, a whiteout) is neither waited on nor handed out.
+    pub fn open_file(&self, flags: i32) -> io::Result<(OwnedFd, libc::stat)> {
+        let fl = flags | libc::O_NONBLOCK;
+        // A whiteout (ENXIO), symlink (ELOOP) or device (ENODEV) here means the regular file we
+        // knew under this name was replaced concurrently: to the caller it is gone.
+        let gone = |e: io::Error| match e.raw_os_error() {
+            Some(libc::ENXIO | libc::ELOOP | libc::ENODEV) => errno(libc::ENOENT),
+            _ => e,
+        };
+        let fd = match self {
+            Target::At(d, n) => sys::openat(d.as_raw_fd(), n, fl, 0).map_err(gone)?,
+            Target::Dir(_) => return Err(errno(libc::EISDIR)),
             // Re-opening through /proc is the one way to open an O_PATH fd's file.
             Target::Orphan(fd) => sys::openat(
                 libc::AT_FDCWD,
                 &sys::proc_path(fd.as_raw_fd(), None),
-                flags & !libc::O_NOFOLLOW,
+                fl & !libc::O_NOFOLLOW,
                 0,
-            ),
+            )
+            .map_err(gone)?,
+        };
+        let st = sys::fstat(fd.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(errno(libc::ENOENT));
         }
+        if flags & libc::O_NONBLOCK == 0 {
+            sys::set_fl(
+                fd.as_raw_fd(),
+                flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
+            )?;
+        }
+        Ok((fd, st))
     }
 }
 
@@ -912,13 +933,13 @@ impl Union {
         }
     }
 
-    /// link(2): hard link `inode` as `newparent/newname` in the upper.
+    /// link(2): hard link `inode` as `newparent/newname` in the upper; returns the new stat.
     pub fn link(
         &self,
         inode: &Arc<Inode>,
         newparent: &Arc<Inode>,
         newname: &OsStr,
-    ) -> io::Result<()> {
+    ) -> io::Result<libc::stat> {
         whiteout::validate_new_name(newname).map_err(errno)?;
         if inode.is_dir() {
             return Err(errno(libc::EPERM));
@@ -953,6 +974,6 @@ impl Union {
         t.upper_ids.insert(key, inode.ino);
         lock(&inode.state).upper_id = Some(key);
         inode.nlookup.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(st)
     }
 }
