@@ -108,6 +108,15 @@ pub fn write_pidfile(path: &Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Removes the pid file if it still names us.
+pub fn remove_pidfile(path: &Path) {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        if s.trim() == std::process::id().to_string() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn unescape_mountinfo(s: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     let b = s.as_bytes();

@@ -125,11 +125,17 @@ fn serve(
         daemon::detach_stdio();
     }
     daemon::spawn_signal_thread(sigs, mountpoint.clone());
-    match session.run() {
+    let code = match session.run() {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("session on {mountpoint:?} ended: {e}");
             1
         }
+    };
+    // Every request has been answered and every worker has stopped: nothing can write the
+    // upper any more. Removing the pid file says so even before our zombie is reaped.
+    if let Some(p) = &opts.pidfile {
+        daemon::remove_pidfile(p);
     }
+    code
 }
