@@ -122,15 +122,15 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Prints the tails of dockerd's and the failed scenario's plugin log (up to where the
-/// scenario's cleanup began, when known).
-fn print_logs(h: &Harness) {
+/// Prints the tails of dockerd's log (since `dockerd_start`) and the failed scenario's plugin
+/// log, up to where the scenario's cleanup began when known.
+fn print_logs(h: &Harness, dockerd_start: u64) {
     let marks = h.log_marks.borrow().clone();
     println!(
         "--- dockerd log tail ({}) ---\n{}",
         h.dockerd.log.display(),
         h.dockerd
-            .log_tail(marks.as_ref().map(|m| m.dockerd_end), 25)
+            .log_tail((dockerd_start, marks.as_ref().map(|m| m.dockerd_end)), 25)
     );
     let plugin = marks.and_then(|m| m.plugin).or_else(|| {
         // no scope got as far as cleanup: show the most recently written plugin log
@@ -147,7 +147,7 @@ fn print_logs(h: &Harness) {
         println!(
             "--- plugin log tail ({}) ---\n{}",
             log.display(),
-            util::tail_window(&log, Some(end), 40, &[])
+            util::tail_window(&log, (0, Some(end)), 40, &[])
         );
     }
 }
@@ -204,6 +204,7 @@ fn run_all() -> i32 {
         }
         println!("e2e: running {name}");
         *h.log_marks.borrow_mut() = None;
+        let dockerd_start = util::file_len(&h.dockerd.log);
         let t = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&h)));
         let secs = t.elapsed().as_secs_f64();
@@ -233,7 +234,7 @@ fn run_all() -> i32 {
             }
         };
         if verdict == Verdict::Failed {
-            print_logs(&h);
+            print_logs(&h, dockerd_start);
         }
         println!("{:<8} {name} ({secs:.1}s)", verdict.label());
         results.push((name, verdict, secs));

@@ -190,11 +190,12 @@ impl Dockerd {
         util::run(self.command().args(args), CLI_TIMEOUT)
     }
 
-    /// dockerd's warnings, errors and volume-related lines (up to byte `end`), the last `n`.
-    pub fn log_tail(&self, end: Option<u64>, n: usize) -> String {
+    /// dockerd's warnings, errors and volume-related lines between byte offsets `range`, the
+    /// last `n`.
+    pub fn log_tail(&self, range: (u64, Option<u64>), n: usize) -> String {
         util::tail_window_matching(
             &self.log,
-            end,
+            range,
             n,
             &[
                 "level=error",

@@ -206,19 +206,19 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 
 /// The last `n` lines of a (log) file, or a note why there are none.
 pub fn tail(path: &Path, n: usize) -> String {
-    tail_window(path, None, n, &[])
+    tail_window(path, (0, None), n, &[])
 }
 
-/// The last `n` lines of the first `end` bytes of a file (all of it for `None`), without lines
+/// The last `n` lines of the bytes `start..end` of a file (to its end for `None`), without lines
 /// containing any of `noise`.
-pub fn tail_window(path: &Path, end: Option<u64>, n: usize, noise: &[&str]) -> String {
-    tail_window_matching(path, end, n, &[], noise)
+pub fn tail_window(path: &Path, range: (u64, Option<u64>), n: usize, noise: &[&str]) -> String {
+    tail_window_matching(path, range, n, &[], noise)
 }
 
 /// Like [`tail_window`], keeping only lines that contain one of `keep` (all when empty).
 pub fn tail_window_matching(
     path: &Path,
-    end: Option<u64>,
+    (start, end): (u64, Option<u64>),
     n: usize,
     keep: &[&str],
     noise: &[&str],
@@ -228,6 +228,10 @@ pub fn tail_window_matching(
             if let Some(end) = end {
                 bytes.truncate(usize::try_from(end).unwrap_or(usize::MAX));
             }
+            let start = usize::try_from(start)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            bytes.drain(..start);
             let text = String::from_utf8_lossy(&bytes);
             let lines: Vec<&str> = text
                 .lines()
