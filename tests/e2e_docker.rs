@@ -63,6 +63,10 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
             Box::new(move |h: &Harness| sessions::sessions(h, b)),
         ));
         v.push((
+            format!("driver-defaults-{n}"),
+            Box::new(move |h: &Harness| sessions::driver_defaults(h, b)),
+        ));
+        v.push((
             format!("restart-between-containers-{n}"),
             Box::new(move |h: &Harness| restart::restart_between(h, b)),
         ));

@@ -5,7 +5,7 @@
 
 use super::daemon::Dockerd;
 use super::image;
-use super::plugin::{Backend, Plugin, PLUGIN_SOCKET_DIR};
+use super::plugin::{Backend, CommitDefault, Plugin, PLUGIN_SOCKET_DIR};
 use super::util::{self, CmdOut};
 use anyhow::{bail, Context, Result};
 use std::cell::{Cell, RefCell};
@@ -268,7 +268,7 @@ impl Harness {
     }
 
     /// Starts a fresh plugin instance with a unique name, its own root and log.
-    pub fn start_plugin(&self, backend: Backend, commit: Option<&str>) -> Result<Plugin> {
+    pub fn start_plugin(&self, backend: Backend, commit: Option<CommitDefault>) -> Result<Plugin> {
         let n = self.plugins_started.get() + 1;
         self.plugins_started.set(n);
         let tag = match backend {
@@ -370,7 +370,7 @@ impl<'h> Scope<'h> {
         h: &'h Harness,
         tag: &str,
         backend: Backend,
-        commit: Option<&str>,
+        commit: Option<CommitDefault>,
     ) -> Result<Scope<'h>> {
         let mut s = Scope::new(h, tag);
         s.plugin = Some(h.start_plugin(backend, commit)?);

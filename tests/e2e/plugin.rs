@@ -36,6 +36,14 @@ impl Backend {
     }
 }
 
+/// A driver-wide `commit` default, and how it reaches the plugin: `--commit` or
+/// `CACHEDRIVER_COMMIT` (how `docker plugin set` passes settings to a managed plugin).
+#[derive(Debug, Clone)]
+pub enum CommitDefault {
+    Flag(String),
+    Env(String),
+}
+
 /// The plugin binary built by cargo for this test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cachedriver")
@@ -50,8 +58,8 @@ pub struct Plugin {
     /// Its unix socket.
     pub sock: PathBuf,
     pub backend: Backend,
-    /// Driver-wide `--commit` default, if any.
-    pub commit: Option<String>,
+    /// Driver-wide commit default, if any.
+    pub commit: Option<CommitDefault>,
     /// stdout+stderr of every start of this instance (appended).
     pub log: PathBuf,
     child: Option<Child>,
@@ -60,7 +68,12 @@ pub struct Plugin {
 
 impl Plugin {
     /// Starts `cachedriver serve` named `name`, with its root and log below `dir`.
-    pub fn start(dir: &Path, name: &str, backend: Backend, commit: Option<&str>) -> Result<Plugin> {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        backend: Backend,
+        commit: Option<CommitDefault>,
+    ) -> Result<Plugin> {
         fs::create_dir_all(dir)?;
         fs::create_dir_all(PLUGIN_SOCKET_DIR)
             .with_context(|| format!("creating {PLUGIN_SOCKET_DIR}"))?;
@@ -69,7 +82,7 @@ impl Plugin {
             root: dir.join("root"),
             sock: Path::new(PLUGIN_SOCKET_DIR).join(format!("{name}.sock")),
             backend,
-            commit: commit.map(str::to_string),
+            commit,
             log: dir.join("plugin.log"),
             child: None,
             pidfile: dir.join("plugin.pid"),
@@ -92,9 +105,6 @@ impl Plugin {
             .arg(&self.sock)
             .arg("--backend")
             .arg(self.backend.as_str());
-        if let Some(c) = &self.commit {
-            cmd.arg("--commit").arg(c);
-        }
         for var in [
             "CACHEDRIVER_ROOT",
             "CACHEDRIVER_SOCKET",
@@ -102,6 +112,15 @@ impl Plugin {
             "CACHEDRIVER_COMMIT",
         ] {
             cmd.env_remove(var);
+        }
+        match &self.commit {
+            Some(CommitDefault::Flag(c)) => {
+                cmd.arg("--commit").arg(c);
+            }
+            Some(CommitDefault::Env(c)) => {
+                cmd.env("CACHEDRIVER_COMMIT", c);
+            }
+            None => {}
         }
         cmd.env(
             "RUST_LOG",

@@ -4,11 +4,13 @@
 //! - Remove of a mounted volume is refused with a clear error (asked directly over the plugin
 //!   socket: Docker refuses `volume rm` of an in-use volume before asking the driver);
 //! - several concurrent `commit=merge` writers stopped at the same moment all survive, and the
-//!   cache's layer chain holds each of their layers.
+//!   cache's layer chain holds each of their layers;
+//! - driver-wide commit defaults from the command line and the environment, and `-o commit=`
+//!   overriding them.
 
 use super::daemon::{http_over_unix, Dockerd};
-use super::harness::{expect_contains, Harness, Scope};
-use super::plugin::{Backend, Plugin};
+use super::harness::{expect_contains, expect_status_value, Harness, Scope};
+use super::plugin::{Backend, CommitDefault, Plugin};
 use super::util;
 use anyhow::{bail, ensure, Context, Result};
 use std::time::Duration;
@@ -189,4 +191,92 @@ fn concurrent_merge(s: &Scope, dockerd: &Dockerd) -> Result<()> {
     }
     expect_contains("cachedriver ls", &p.ls()?.check()?.stdout, "cm")?;
     Ok(())
+}
+
+/// Driver-wide commit defaults: `--commit merge` on the command line, and `CACHEDRIVER_COMMIT=
+/// discard` in the environment (how `docker plugin set` configures a managed plugin); a
+/// volume's `-o commit=` overrides either.
+pub fn driver_defaults(h: &Harness, backend: Backend) -> Result<()> {
+    {
+        let mut s = Scope::with_plugin(
+            h,
+            &format!("defaults-flag-{}", backend.as_str()),
+            backend,
+            Some(CommitDefault::Flag("merge".into())),
+        )?;
+        let p = s.plugin();
+        s.start("df-one", &s.vol("df-one"), "/cache", &[])?;
+        s.start("df-two", &s.vol("df-two"), "/cache", &[])?;
+        s.exec_ok("df-one", "echo one > /cache/one.txt")?;
+        s.exec_ok("df-two", "echo two > /cache/two.txt")?;
+        expect_status_value("volume df-one .Status", &s.status("df-one")?, "merge")?;
+        s.stop("df-one")?;
+        p.wait_latest("df", |l| l == "one")?;
+        s.stop("df-two")?;
+        let latest = p.wait_latest("df", |l| l == "two")?;
+        ensure!(latest == "two", "df-two did not commit: latest={latest:?}");
+        let out = s
+            .sh(
+                Some((&s.vol("df-three"), "/cache", false)),
+                &[],
+                "cat /cache/one.txt /cache/two.txt",
+            )?
+            .check()?;
+        ensure!(
+            out.stdout == "one\ntwo\n",
+            "with --commit merge both concurrent writers should survive; read {:?}",
+            out.stdout
+        );
+        s.ensure_plugin_alive()?;
+    }
+    let mut s = Scope::with_plugin(
+        h,
+        &format!("defaults-env-{}", backend.as_str()),
+        backend,
+        Some(CommitDefault::Env("discard".into())),
+    )?;
+    let p = s.plugin();
+    s.sh(
+        Some((&s.vol("de-one"), "/cache", false)),
+        &[],
+        "echo one > /cache/one.txt",
+    )?
+    .check()?;
+    p.wait_session_ended("de", "one")?;
+    expect_status_value("volume de-one .Status", &s.status("de-one")?, "discard")?;
+    let latest = p.latest("de")?;
+    ensure!(
+        latest == "0",
+        "with CACHEDRIVER_COMMIT=discard nothing should be written back; latest={latest:?}"
+    );
+    h.docker_ok(&[
+        "volume",
+        "create",
+        "--driver",
+        &p.name,
+        "-o",
+        "commit=replace",
+        "de-two",
+    ])?;
+    s.track(&s.vol("de-two"));
+    s.sh(
+        Some((&s.vol("de-two"), "/cache", false)),
+        &[],
+        "echo two > /cache/two.txt",
+    )?
+    .check()?;
+    let latest = p.wait_latest("de", |l| l == "two")?;
+    ensure!(
+        latest == "two",
+        "-o commit=replace should override the discard default; latest={latest:?}"
+    );
+    let out = s
+        .sh(
+            Some((&s.vol("de-three"), "/cache", false)),
+            &[],
+            "ls /cache",
+        )?
+        .check()?;
+    ensure!(out.stdout == "two.txt\n", "de-three sees {:?}", out.stdout);
+    s.ensure_plugin_alive()
 }
