@@ -101,6 +101,8 @@ pub struct UnionFs {
     passthrough_mode: Passthrough,
     stack_depth: u32,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    /// Reverse channel to the kernel, set once the session exists.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
 }
@@ -179,9 +181,15 @@ impl UnionFs {
             passthrough_mode: passthrough,
             stack_depth,
             handles: RwLock::new(HashMap::new()),
+            notifier: Arc::new(std::sync::OnceLock::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// The slot the session's notifier goes into (see `lib.rs`).
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
@@ -303,7 +311,14 @@ impl UnionFs {
             return Ok(OpenMode::Passthrough(b));
         }
         let upper = self.u.layers.is_upper(lock(&inode.state).layer);
-        if inode.cached_opens.load(Ordering::SeqCst) > 0 || (!upper && st.st_size < PT_MIN_LOWER) {
+        // Passthrough writes run with our (root) credentials and would keep set-ID bits; the
+        // kernel asks us to drop them only on writes it sends us.
+        let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
+        let set_id = st.st_mode & libc::S_ISUID != 0 || st.st_mode & sgid_exec == sgid_exec;
+        if inode.cached_opens.load(Ordering::SeqCst) > 0
+            || (!upper && st.st_size < PT_MIN_LOWER)
+            || (writable && set_id)
+        {
             return cached(inode);
         }
         match open_backing(fd) {
@@ -378,6 +393,7 @@ impl UnionFs {
     #[allow(clippy::too_many_arguments)]
     fn setattr_inner(
         &self,
+        caller_uid: u32,
         ino: u64,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -407,6 +423,11 @@ impl UnionFs {
         if let Some(sz) = size {
             if inode.is_dir() {
                 return Err(errno(libc::EISDIR));
+            }
+            if caller_uid != 0 && mode.is_none() {
+                // truncate(2) by an unprivileged caller drops set-ID bits; ours runs as root.
+                let (f, _) = t.open_file(libc::O_RDONLY)?;
+                kill_suidgid(f.as_raw_fd())?;
             }
             let via_fh = match fh.and_then(|fh| self.handle_fd(fh).ok()) {
                 Some(fd) => sys::ftruncate(fd.as_raw_fd(), sz).is_ok(),
@@ -482,6 +503,23 @@ impl UnionFs {
     }
 }
 
+/// Drops set-user-ID / set-group-ID bits and file capabilities, as a write by an unprivileged
+/// user does on a local filesystem (we write as root, which would keep them).
+/// Returns whether anything changed.
+fn kill_suidgid(fd: RawFd) -> io::Result<bool> {
+    let st = sys::fstat(fd)?;
+    let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
+    let mut changed = false;
+    if st.st_mode & libc::S_ISUID != 0 || st.st_mode & sgid_exec == sgid_exec {
+        sys::fchmod(fd, st.st_mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID))?;
+        changed = true;
+    }
+    if sys::removexattr(&sys::proc_path(fd, None), c"security.capability", true).is_ok() {
+        changed = true;
+    }
+    Ok(changed)
+}
+
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let caps = config.capabilities();
@@ -491,7 +529,11 @@ impl Filesystem for UnionFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // Without this the kernel asks for security.capability before EVERY write, even a
+            // passthrough one. We kill suid/sgid ourselves when a write asks for it (and our
+            // mount is nosuid).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & caps);
         if self.passthrough.load(Ordering::Relaxed) {
             if caps.contains(InitFlags::FUSE_PASSTHROUGH)
@@ -534,7 +576,7 @@ impl Filesystem for UnionFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -550,7 +592,7 @@ impl Filesystem for UnionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.setattr_inner(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+        match self.setattr_inner(req.uid(), ino.0, mode, uid, gid, size, atime, mtime, fh) {
             Ok(a) => reply.attr(&self.ttl, &a),
             Err(e) => reply.error(to_errno(e)),
         }
@@ -726,19 +768,27 @@ impl Filesystem for UnionFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self
-            .handle_fd(fh)
-            .and_then(|fd| sys::pwrite_full(fd.as_raw_fd(), data, offset))
-        {
+        let res = self.handle_fd(fh).and_then(|fd| {
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+                && kill_suidgid(fd.as_raw_fd())?
+            {
+                // The kernel keeps the old mode cached; attributes only, no lock is taken.
+                if let Some(n) = self.notifier.get() {
+                    let _ = n.inval_inode(ino, -1, 0);
+                }
+            }
+            sys::pwrite_full(fd.as_raw_fd(), data, offset)
+        });
+        match res {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(to_errno(e)),
         }

@@ -105,6 +105,7 @@ fn serve(
             return 1;
         }
     };
+    let notifier_slot = fs.notifier_slot();
     let session = match Session::from_fd(fs, dev, SessionACL::All, cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -113,6 +114,7 @@ fn serve(
             return 1;
         }
     };
+    let _ = notifier_slot.set(session.notifier());
     if let Some(p) = &opts.pidfile {
         if let Err(e) = daemon::write_pidfile(p) {
             ready.fail(&format!("pidfile {p:?}: {e}"));
