@@ -101,8 +101,6 @@ pub struct UnionFs {
     passthrough_mode: Passthrough,
     stack_depth: u32,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
-    /// Reverse channel to the kernel, set once the session exists.
-    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
 }
@@ -181,7 +179,6 @@ impl UnionFs {
             passthrough_mode: passthrough,
             stack_depth,
             handles: RwLock::new(HashMap::new()),
-            notifier: Arc::new(std::sync::OnceLock::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -189,7 +186,7 @@ impl UnionFs {
 
     /// The slot the session's notifier goes into (see `lib.rs`).
     pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
-        self.notifier.clone()
+        self.u.notifier.clone()
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
@@ -218,9 +215,25 @@ impl UnionFs {
         Ok(Some(make_attr(inode.ino, &r.st, r.stack.len() > 1)))
     }
 
+    /// Entry TTL: long, except for names of a lower file with several links, which share a node
+    /// id: the kernel must look each of them up on every access so we know which name is used.
+    fn entry_ttl(&self, attr: &FileAttr) -> Duration {
+        if attr.kind != FileType::Directory && attr.nlink > 1 {
+            if let Ok(i) = self.u.inode(attr.ino.0) {
+                if !self.u.layers.is_upper(lock(&i.state).layer) {
+                    return Duration::ZERO;
+                }
+            }
+        }
+        self.ttl
+    }
+
     fn reply_entry(&self, res: io::Result<Option<FileAttr>>, reply: ReplyEntry) {
         match res {
-            Ok(Some(attr)) => reply.entry(&self.ttl, &attr, Generation(0)),
+            Ok(Some(attr)) => {
+                let ettl = self.entry_ttl(&attr);
+                reply.entry_with_ttls(&self.ttl, &ettl, &attr, Generation(0))
+            }
             Ok(None) => reply.error(Errno::ENOENT),
             Err(e) => reply.error(to_errno(e)),
         }
@@ -782,7 +795,7 @@ impl Filesystem for UnionFs {
                 && kill_suidgid(fd.as_raw_fd())?
             {
                 // The kernel keeps the old mode cached; attributes only, no lock is taken.
-                if let Some(n) = self.notifier.get() {
+                if let Some(n) = self.u.notifier.get() {
                     let _ = n.inval_inode(ino, -1, 0);
                 }
             }
@@ -928,14 +941,8 @@ impl Filesystem for UnionFs {
                 Ok(Some(a)) => a,
                 _ => continue,
             };
-            if reply.add(
-                attr.ino,
-                (i + 1) as u64,
-                name,
-                &self.ttl,
-                &attr,
-                Generation(0),
-            ) {
+            let ttl = self.entry_ttl(&attr);
+            if reply.add(attr.ino, (i + 1) as u64, name, &ttl, &attr, Generation(0)) {
                 // Not sent: undo the lookup we counted.
                 self.u.forget(attr.ino.0, 1);
                 break;

@@ -14,6 +14,20 @@ use crate::layers::{self, Layers};
 use crate::sys::{self, errno};
 use crate::whiteout;
 
+/// Moves (parent, name) to the front of an inode's names: copy-up and I/O of a shared lower
+/// hard link go through the name used most recently.
+fn touch_name(inode: &Inode, parent: u64, name: &OsStr) {
+    let mut s = lock(&inode.state);
+    if s.names.len() > 1 {
+        if let Some(i) = s.names.iter().position(|(p, n)| *p == parent && n == name) {
+            if i > 0 {
+                let e = s.names.remove(i);
+                s.names.insert(0, e);
+            }
+        }
+    }
+}
+
 /// Name of the cached whiteout in the work dir that new whiteouts are hard links of.
 const WH_BASE: &CStr = c"#cdf.whiteout";
 
@@ -137,6 +151,8 @@ pub struct Union {
     fds: DirFdCache,
     tmp_seq: AtomicU64,
     wh_lock: Mutex<()>,
+    /// Reverse channel to the kernel, set once the session exists.
+    pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     euid: u32,
     egid: u32,
 }
@@ -167,6 +183,7 @@ impl Union {
             fds: DirFdCache::new(cap),
             tmp_seq: AtomicU64::new(0),
             wh_lock: Mutex::new(()),
+            notifier: Arc::new(std::sync::OnceLock::new()),
             // SAFETY: trivial syscalls.
             euid: unsafe { libc::geteuid() },
             // SAFETY: trivial syscalls.
@@ -292,6 +309,7 @@ impl Union {
             if let Some(ex) = t.by_name(parent.ino, name) {
                 if ex.kind == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
+                    touch_name(&ex, parent.ino, name);
                     return ex;
                 }
             }
@@ -300,9 +318,31 @@ impl Union {
         if let Some(ex) = t.by_name(parent.ino, name) {
             if ex.kind == kind {
                 ex.nlookup.fetch_add(1, Ordering::SeqCst);
+                touch_name(&ex, parent.ino, name);
                 return ex;
             }
             t.remove_name(parent.ino, name);
+        }
+        // Names of one lower file share a node id (so st_ino matches, as on overlayfs) until a
+        // copy-up splits them; `touch_name` keeps the name used most recently first, and such
+        // entries are never cached by the kernel, so every access through a name looks it up.
+        let lower_link =
+            !self.layers.is_upper(r.layer) && kind != libc::S_IFDIR && r.st.st_nlink > 1;
+        if lower_link {
+            if let Some(ex) = t
+                .ids
+                .get(&(r.st.st_dev, r.st.st_ino))
+                .and_then(|i| t.map.get(i))
+                .cloned()
+            {
+                let still_lower = !self.layers.is_upper(lock(&ex.state).layer);
+                if ex.kind == kind && still_lower {
+                    ex.nlookup.fetch_add(1, Ordering::SeqCst);
+                    t.add_name(&ex, parent.ino, name);
+                    touch_name(&ex, parent.ino, name);
+                    return ex;
+                }
+            }
         }
         let upper_key =
             (self.layers.is_upper(r.layer) && kind != libc::S_IFDIR && r.st.st_nlink > 1)
@@ -316,11 +356,7 @@ impl Union {
                 }
             }
         }
-        // Lower hard links get a node id per name: a shared one could not tell which name an
-        // open-for-write means, and copy-up breaks lower hard links (as overlayfs index=off).
-        let stable_key =
-            (kind == libc::S_IFDIR || self.layers.is_upper(r.layer) || r.st.st_nlink <= 1)
-                .then_some((r.st.st_dev, r.st.st_ino));
+        let stable_key = Some((r.st.st_dev, r.st.st_ino));
         let ino = match stable_key.and_then(|k| t.ids.get(&k).copied()) {
             Some(id) if !t.map.contains_key(&id) => id,
             _ => {
@@ -421,10 +457,28 @@ impl Union {
             tracing::warn!("copy-up of {:?}: {e}", name);
             return Err(e);
         }
-        if let Ok(ust) = sys::fstatat(up.as_raw_fd(), &cname) {
-            wlock(&self.table)
-                .ids
-                .insert((ust.st_dev, ust.st_ino), inode.ino);
+        {
+            let mut t = wlock(&self.table);
+            if let Ok(ust) = sys::fstatat(up.as_raw_fd(), &cname) {
+                t.ids.insert((ust.st_dev, ust.st_ino), inode.ino);
+            }
+            if !inode.is_dir() && st.st_nlink > 1 {
+                // Copy-up breaks a lower hard link (overlayfs index=off): the other names stay
+                // with the lower file and get their own node id at their next lookup.
+                let others: Vec<(u64, OsString)> = lock(&inode.state).names.split_off(1);
+                for (p, n) in others {
+                    if t.names.get(&(p, n.clone())) == Some(&inode.ino) {
+                        t.names.remove(&(p, n));
+                    }
+                }
+                if t.ids.get(&(st.st_dev, st.st_ino)) == Some(&inode.ino) {
+                    t.ids.remove(&(st.st_dev, st.st_ino));
+                }
+            }
+        }
+        if let Some(n) = self.notifier.get() {
+            // Attributes only (nlink, ctime changed): takes no inode lock in the kernel.
+            let _ = n.inval_inode(fuser::INodeNo(inode.ino), -1, 0);
         }
         let mut s = lock(&inode.state);
         s.layer = 0;
