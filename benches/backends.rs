@@ -733,6 +733,11 @@ fn run_once(
     if w == Workload::WalkWarm {
         walk(&inst.p("tree"))?;
     }
+    // Start quiescent: no writeback left over from the previous measurement (or the removal of its
+    // instance) may land in this one.
+    if w != Workload::WalkCold {
+        nix::unistd::sync();
+    }
     let t0 = Instant::now();
     let amount = match w {
         Workload::WalkCold | Workload::WalkWarm => {
