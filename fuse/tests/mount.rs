@@ -91,6 +91,29 @@ impl Drop for Fixture {
     }
 }
 
+/// Set in the environment of the copy of this test binary run inside `unshare -Urm`.
+const IN_USERNS: &str = "CDF_TEST_IN_USERNS";
+
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and buffer.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    buf.truncate(n as usize);
+    Some(buf)
+}
+
 fn is_whiteout(p: &Path) -> bool {
     fs::symlink_metadata(p)
         .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
@@ -135,6 +158,14 @@ fn read_through_copy_up_and_whiteouts() {
         0,
         "new dir over a whiteout is opaque"
     );
+    // The marker is in the namespace the kernel would use: user. inside a user namespace.
+    let ns = if std::env::var_os(IN_USERNS).is_some() {
+        "user"
+    } else {
+        "trusted"
+    };
+    let opaque = xattr(&f.p("upper/d"), &format!("{ns}.overlay.opaque"));
+    assert_eq!(opaque.as_deref(), Some(&b"y"[..]));
 
     let mut names: Vec<_> = fs::read_dir(&m)
         .unwrap()
@@ -179,4 +210,41 @@ fn bad_input_is_one_line_and_mounts_nothing() {
     assert!(err.contains("lowerdir"), "{err}");
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains(f.p("mnt").to_str().unwrap()));
+}
+
+/// Runs the copy-up/whiteout test again inside a new user + mount namespace (rootless mode:
+/// user.* xattrs, no passthrough).
+#[test]
+fn rootless_in_user_namespace() {
+    if std::env::var_os(IN_USERNS).is_some() || !require_mount() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = match Command::new("unshare")
+        .args(["-Urm", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "read_through_copy_up_and_whiteouts",
+            "--test-threads=1",
+        ])
+        .env(IN_USERNS, "1")
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPING rootless test: cannot run unshare: {e}");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: unshare missing"
+            );
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "rootless run failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
