@@ -516,6 +516,10 @@ impl UnionFs {
     }
 }
 
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Drops set-user-ID / set-group-ID bits and file capabilities, as a write by an unprivileged
 /// user does on a local filesystem (we write as root, which would keep them).
 /// Returns whether anything changed.
@@ -766,16 +770,22 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let res = self.handle_fd(fh).and_then(|fd| {
-            let mut buf = vec![0u8; size as usize];
-            let n = sys::pread_full(fd.as_raw_fd(), &mut buf, offset)?;
-            buf.truncate(n);
-            Ok(buf)
+        let fd = match self.handle_fd(fh) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        // One buffer per worker thread, reused: the kernel asks for up to the readahead window
+        // (often far more than a small file holds), and zeroing a fresh buffer each time costs.
+        READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            match sys::pread_full(fd.as_raw_fd(), &mut buf[..size as usize], offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(to_errno(e)),
+            }
         });
-        match res {
-            Ok(b) => reply.data(&b),
-            Err(e) => reply.error(to_errno(e)),
-        }
     }
 
     fn write(
