@@ -19,6 +19,21 @@ use fuser::{Config, Session, SessionACL};
 use crate::options::Options;
 use crate::whiteout::XattrNs;
 
+/// stderr that never fails: a log reader going away (a closed pipe) must not take the mount
+/// down with it.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_logging(debug: bool) {
     let level = if debug {
         tracing::Level::DEBUG
@@ -27,7 +42,8 @@ fn init_logging(debug: bool) {
     };
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        .with_ansi(false)
         .with_target(false)
         .try_init();
 }
