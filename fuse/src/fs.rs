@@ -546,7 +546,6 @@ impl Filesystem for UnionFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_EXPORT_SUPPORT
             // Without this the kernel asks for security.capability before EVERY write, even a
             // passthrough one. We kill suid/sgid ourselves when a write asks for it (and our
             // mount is nosuid).
