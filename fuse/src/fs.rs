@@ -85,8 +85,9 @@ fn make_attr(ino: u64, st: &libc::stat, merged_dir: bool) -> FileAttr {
     }
 }
 
-/// A merged directory listing: names and types, "." and ".." first.
-type Listing = Arc<Vec<(std::ffi::OsString, FileType)>>;
+/// A merged directory listing: names, types and the stack position each was found at ("." and
+/// ".." first), with the layer stack it was taken from.
+type Listing = Arc<(Vec<(std::ffi::OsString, FileType, usize)>, Vec<usize>)>;
 
 /// A snapshot of a merged directory listing, taken at opendir (and at rewind).
 struct DirHandle {
@@ -239,23 +240,23 @@ impl UnionFs {
         }
     }
 
-    fn snapshot(&self, inode: &Inode) -> io::Result<Vec<(std::ffi::OsString, FileType)>> {
+    fn snapshot(&self, inode: &Inode) -> io::Result<Listing> {
         let stack = self.u.stack(inode)?;
         let mut fds = Vec::with_capacity(stack.len());
-        for li in stack {
+        for &li in &stack {
             let fd = self.u.dir_fd(inode, li)?;
             fds.push(sys::reopen_dir(fd.as_raw_fd())?);
         }
         let mut out = vec![
-            (".".into(), FileType::Directory),
-            ("..".into(), FileType::Directory),
+            (".".into(), FileType::Directory, 0),
+            ("..".into(), FileType::Directory, 0),
         ];
         out.extend(
             layers::merged_listing(fds)?
                 .into_iter()
-                .map(|e| (e.name, dtype_to_type(e.dtype))),
+                .map(|e| (e.name, dtype_to_type(e.dtype), e.pos)),
         );
-        Ok(out)
+        Ok(Arc::new((out, stack)))
     }
 
     fn dir_entries(&self, ino: u64, fh: FileHandle, offset: u64) -> io::Result<Listing> {
@@ -269,7 +270,7 @@ impl UnionFs {
             Some(e) if offset != 0 => Ok(e.clone()),
             _ => {
                 let inode = self.u.inode(ino)?;
-                let snap = Arc::new(self.snapshot(&inode)?);
+                let snap = self.snapshot(&inode)?;
                 *entries = Some(snap.clone());
                 Ok(snap)
             }
@@ -898,7 +899,7 @@ impl Filesystem for UnionFs {
             Err(e) => return reply.error(to_errno(e)),
         };
         let t = rlock(&self.u.table);
-        for (i, (name, kind)) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, (name, kind, _)) in entries.0.iter().enumerate().skip(offset as usize) {
             let d_ino = if i < 2 {
                 ino.0
             } else {
@@ -931,7 +932,11 @@ impl Filesystem for UnionFs {
             Ok(a) => a,
             Err(e) => return reply.error(to_errno(e)),
         };
-        for (i, (name, _)) in entries.iter().enumerate().skip(offset as usize) {
+        let parent = match self.u.inode(ino.0) {
+            Ok(p) => p,
+            Err(e) => return reply.error(to_errno(e)),
+        };
+        for (i, (name, _, pos)) in entries.0.iter().enumerate().skip(offset as usize) {
             if i < 2 {
                 // The kernel does not count "." and ".." as lookups.
                 if reply.add(
@@ -946,8 +951,14 @@ impl Filesystem for UnionFs {
                 }
                 continue;
             }
-            let attr = match self.do_lookup(ino.0, name) {
-                Ok(Some(a)) => a,
+            let attr = match self
+                .u
+                .resolve_hinted(&parent, name, Some((&entries.1, *pos)))
+            {
+                Ok(Some(r)) => {
+                    let inode = self.u.intern(&parent, name, &r);
+                    make_attr(inode.ino, &r.st, r.stack.len() > 1)
+                }
                 _ => continue,
             };
             let ttl = self.entry_ttl(&attr);

@@ -266,6 +266,8 @@ pub struct MergedEntry {
     pub name: OsString,
     /// d_type of the topmost entry.
     pub dtype: u8,
+    /// Position in the directory's layer stack where the entry was found.
+    pub pos: usize,
 }
 
 /// Builds the merged listing of a directory from its per-layer directories (topmost first,
@@ -304,6 +306,7 @@ pub fn merged_listing(dirs: Vec<OwnedFd>) -> io::Result<Vec<MergedEntry>> {
                         out.push(MergedEntry {
                             name: OsString::from_vec(name.clone()),
                             dtype: mode_to_dtype(st.st_mode),
+                            pos: i,
                         });
                         seen.insert(name);
                         continue;
@@ -314,6 +317,7 @@ pub fn merged_listing(dirs: Vec<OwnedFd>) -> io::Result<Vec<MergedEntry>> {
             out.push(MergedEntry {
                 name: OsString::from_vec(name.clone()),
                 dtype,
+                pos: i,
             });
             seen.insert(name);
         }

@@ -252,13 +252,43 @@ impl Union {
 
     /// Resolves `name` in directory `parent` across its layers.
     pub fn resolve(&self, parent: &Inode, name: &OsStr) -> io::Result<Option<Resolved>> {
+        self.resolve_hinted(parent, name, None)
+    }
+
+    /// `resolve`, with a hint from a directory listing: (the parent's stack when listed, the
+    /// position the name was found at). Lower layers are immutable, so the layers above that
+    /// position need no look (saving negative lookups on every readdirplus entry); only the
+    /// upper, which can have changed since, is checked.
+    pub fn resolve_hinted(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        hint: Option<(&[usize], usize)>,
+    ) -> io::Result<Option<Resolved>> {
         if whiteout::is_reserved_name(std::os::unix::ffi::OsStrExt::as_bytes(name)) {
             return Ok(None);
         }
         let pstack = self.stack(parent)?;
         let cname = sys::cstr(name)?;
+        let mut start = 0;
+        if let Some((hstack, pos)) = hint {
+            if hstack == pstack.as_slice() && pos < pstack.len() {
+                start = pos;
+                for &li in &pstack[..pos] {
+                    if !self.layers.is_upper(li) {
+                        continue;
+                    }
+                    let pfd = self.dir_fd(parent, li)?;
+                    match sys::fstatat(pfd.as_raw_fd(), &cname) {
+                        Err(e) if is_enoent(&e) => {}
+                        // Created or whited out since the listing: resolve from the top.
+                        _ => start = 0,
+                    }
+                }
+            }
+        }
         let mut found: Option<Resolved> = None;
-        for (i, &li) in pstack.iter().enumerate() {
+        for (i, &li) in pstack.iter().enumerate().skip(start) {
             let pfd = self.dir_fd(parent, li)?;
             let pfd = pfd.as_raw_fd();
             let more = i + 1 < pstack.len();
