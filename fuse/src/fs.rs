@@ -541,8 +541,9 @@ fn kill_suidgid(fd: RawFd) -> io::Result<bool> {
 impl Filesystem for UnionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let caps = config.capabilities();
+        // Always readdirplus (no READDIRPLUS_AUTO): every entry then carries its node id, so
+        // d_ino equals st_ino in every chunk of a large directory, not only the first.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
