@@ -28,6 +28,10 @@ fn touch_name(inode: &Inode, parent: u64, name: &OsStr) {
     }
 }
 
+/// Beyond this many names, a lower file's further names get their own node id (keeps name
+/// bookkeeping O(1) on hard-link farms).
+const MAX_SHARED_NAMES: usize = 64;
+
 /// Name of the cached whiteout in the work dir that new whiteouts are hard links of.
 const WH_BASE: &CStr = c"#cdf.whiteout";
 
@@ -365,8 +369,14 @@ impl Union {
                 .and_then(|i| t.map.get(i))
                 .cloned()
             {
-                let still_lower = !self.layers.is_upper(lock(&ex.state).layer);
-                if ex.kind == kind && still_lower {
+                let (still_lower, few) = {
+                    let st = lock(&ex.state);
+                    (
+                        !self.layers.is_upper(st.layer),
+                        st.names.len() < MAX_SHARED_NAMES,
+                    )
+                };
+                if ex.kind == kind && still_lower && few {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
                     touch_name(&ex, parent.ino, name);
