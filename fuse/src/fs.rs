@@ -18,6 +18,7 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::handle::{kill_suidgid, Handle, OpenMode, PT_MIN_LOWER, READ_BUF};
 use crate::inode::{lock, rlock, wlock, Backing, Inode};
 use crate::layers::{self, Layers};
 use crate::options::Passthrough;
@@ -104,51 +105,6 @@ pub struct UnionFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
-}
-
-/// How an open file is served.
-enum OpenMode {
-    Passthrough(Arc<Backing>),
-    Cached,
-}
-
-/// Lower files smaller than this are served through the page cache rather than passthrough:
-/// a passthrough open of a lower file pins its backing file, and the kernel would then refuse
-/// a write open of the copied-up file while the read-only one stays open.
-const PT_MIN_LOWER: i64 = 1 << 20;
-
-/// An open file.
-struct Handle {
-    inode: Arc<Inode>,
-    /// The real file; swapped for the upper copy when the object is copied up under us.
-    fd: RwLock<Arc<OwnedFd>>,
-    /// Whether `fd` already is the upper file.
-    upper: AtomicBool,
-    /// Open flags, for re-opening.
-    flags: i32,
-    /// Served through passthrough with this backing.
-    backing: Option<Arc<Backing>>,
-}
-
-impl Handle {
-    /// The fd to do I/O on, following a copy-up that happened after open (as overlayfs does).
-    fn fd(&self, u: &Union) -> io::Result<Arc<OwnedFd>> {
-        if !self.upper.load(Ordering::Acquire) && self.inode.copied_up.load(Ordering::Acquire) {
-            let (t, layer) = u.target(&self.inode)?;
-            if u.layers.is_upper(layer) {
-                let fl = self.flags
-                    & !(libc::O_CREAT
-                        | libc::O_EXCL
-                        | libc::O_TRUNC
-                        | libc::O_NOCTTY
-                        | libc::O_DIRECT);
-                let nfd = Arc::new(t.open_file(fl)?.0);
-                *wlock(&self.fd) = nfd;
-                self.upper.store(true, Ordering::Release);
-            }
-        }
-        Ok(rlock(&self.fd).clone())
-    }
 }
 
 impl UnionFs {
@@ -515,27 +471,6 @@ impl UnionFs {
             .create_node(req.uid(), req.gid(), &p, name, mode, kind, make)?;
         self.do_lookup(parent, name)
     }
-}
-
-thread_local! {
-    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Drops set-user-ID / set-group-ID bits and file capabilities, as a write by an unprivileged
-/// user does on a local filesystem (we write as root, which would keep them).
-/// Returns whether anything changed.
-fn kill_suidgid(fd: RawFd) -> io::Result<bool> {
-    let st = sys::fstat(fd)?;
-    let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
-    let mut changed = false;
-    if st.st_mode & libc::S_ISUID != 0 || st.st_mode & sgid_exec == sgid_exec {
-        sys::fchmod(fd, st.st_mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID))?;
-        changed = true;
-    }
-    if sys::removexattr(&sys::proc_path(fd, None), c"security.capability", true).is_ok() {
-        changed = true;
-    }
-    Ok(changed)
 }
 
 impl Filesystem for UnionFs {

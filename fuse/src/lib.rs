@@ -5,6 +5,7 @@
 mod copyup;
 mod daemon;
 mod fs;
+mod handle;
 mod inode;
 mod layers;
 pub mod options;
