@@ -76,9 +76,11 @@ pub fn daemonize() -> Result<i32, Ready> {
         return Ok(1);
     }
     drop(rd);
-    // SAFETY: plain syscalls in the child.
+    // SAFETY: plain syscalls in the child. chdir("/"): a daemon must not pin whatever
+    // filesystem its caller's working directory is on.
     unsafe {
         libc::setsid();
+        libc::chdir(c"/".as_ptr());
     }
     Err(Ready {
         pipe: Some(std::fs::File::from(wr)),

@@ -52,7 +52,7 @@ fn init_logging(debug: bool) {
 /// Runs the fuse-overlayfs-compatible command line (`[SOURCE] MOUNTPOINT -o lowerdir=..,upperdir=..,workdir=..`).
 /// `args` excludes the program name. Returns the process exit code.
 pub fn cli_main(args: Vec<OsString>) -> i32 {
-    let opts = match options::parse(&args) {
+    let mut opts = match options::parse(&args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("cachedriver-fuse: {e}");
@@ -87,6 +87,10 @@ pub fn cli_main(args: Vec<OsString>) -> i32 {
     // Modes from the kernel are already umasked; ours must not mask them again.
     // SAFETY: trivial syscall.
     unsafe { libc::umask(0) };
+    // The daemon changes to "/": a relative pid file path must not change meaning.
+    if let Some(p) = opts.pidfile.take() {
+        opts.pidfile = Some(std::path::absolute(&p).unwrap_or(p));
+    }
     let ready = if opts.foreground {
         daemon::Ready::foreground()
     } else {
