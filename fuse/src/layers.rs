@@ -49,6 +49,9 @@ pub struct Layers {
     pub work: Option<OwnedFd>,
     /// Namespace for the opaque xattr we write.
     pub xattr_ns: XattrNs,
+    /// Whether the upper may hold `.wh.NAME` files (only if it did at mount: we never create
+    /// such names), so lookups can skip looking for them there.
+    pub upper_wh: bool,
 }
 
 fn open_root(what: &'static str, path: &Path) -> Result<(OwnedFd, libc::stat), SetupError> {
@@ -162,11 +165,13 @@ impl Layers {
                 })?,
             );
         }
+        let upper_wh = writable && tree_has_wh_names(roots[0].as_raw_fd(), 100_000);
         Ok(Layers {
             roots,
             has_upper: writable,
             work,
             xattr_ns,
+            upper_wh,
         })
     }
 
@@ -214,13 +219,49 @@ impl Layers {
         }
     }
 
-    /// Whether the layer directory `dirfd` holds a `.wh.NAME` file for `name`.
-    pub fn has_wh_file(&self, dirfd: RawFd, name: &CStr) -> bool {
+    /// Whether the directory `dirfd` of layer `li` holds a `.wh.NAME` file for `name`.
+    pub fn has_wh_file(&self, li: usize, dirfd: RawFd, name: &CStr) -> bool {
+        if self.is_upper(li) && !self.upper_wh {
+            return false;
+        }
         match CString::new(whiteout::wh_name(name.to_bytes())) {
             Ok(w) => sys::fstatat(dirfd, &w).is_ok(),
             Err(_) => false,
         }
     }
+}
+
+/// Whether a tree holds any `.wh.`-prefixed name. Gives up (answers yes) after `budget`
+/// entries, so a huge pre-existing upper costs a bounded scan.
+fn tree_has_wh_names(dirfd: RawFd, budget: usize) -> bool {
+    let mut budget = budget;
+    fn walk(dirfd: RawFd, budget: &mut usize) -> bool {
+        let Ok(d) = sys::reopen_dir(dirfd) else {
+            return true;
+        };
+        let Ok(entries) = sys::list_dir(d) else {
+            return true;
+        };
+        for (name, dtype) in entries {
+            if *budget == 0 || whiteout::is_reserved_name(&name) {
+                return true;
+            }
+            *budget -= 1;
+            if dtype == libc::DT_DIR {
+                let Ok(c) = CString::new(name) else {
+                    return true;
+                };
+                let Ok(sub) = sys::openat(dirfd, &c, libc::O_PATH | libc::O_DIRECTORY, 0) else {
+                    return true;
+                };
+                if walk(sub.as_raw_fd(), budget) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+    walk(dirfd, &mut budget)
 }
 
 /// Creates `WORKDIR/work` (as the kernel does) and empties it of leftovers from a crash.

@@ -298,7 +298,7 @@ impl Union {
             let more = i + 1 < pstack.len();
             match sys::fstatat(pfd, &cname) {
                 Err(e) if is_enoent(&e) => {
-                    if more && self.layers.has_wh_file(pfd, &cname) {
+                    if more && self.layers.has_wh_file(li, pfd, &cname) {
                         break;
                     }
                 }
@@ -541,7 +541,7 @@ impl Union {
             match sys::fstatat(pfd.as_raw_fd(), name) {
                 Ok(st) => return Ok(!whiteout::is_whiteout(&st)),
                 Err(e) if is_enoent(&e) => {
-                    if self.layers.has_wh_file(pfd.as_raw_fd(), name) {
+                    if self.layers.has_wh_file(li, pfd.as_raw_fd(), name) {
                         return Ok(false);
                     }
                 }
