@@ -246,7 +246,8 @@ fn apply_opt(o: &mut Options, opt: &[u8]) -> Result<(), OptionError> {
             o.timeout = Duration::from_secs_f64(secs);
         }
         ("ro", None) => o.read_only = true,
-        (k, None) if GENERIC.contains(&k) => {}
+        // Generic options, some of which mount(8) passes with a value (user=NAME, ...).
+        (k, _) if GENERIC.contains(&k) => {}
         (k, _) if k.starts_with("x-") || k.starts_with("comment=") => {}
         (k, _) if FUSE_OVERLAYFS_IGNORED.contains(&k) => o.ignored.push(text.clone()),
         // mount(8)/mount.fuse pass these with values; harmless.
