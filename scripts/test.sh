@@ -14,4 +14,16 @@ if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then
   export CACHEDRIVER_REQUIRE_ALL=1
 fi
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-4}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every runner (libtest's "test result:" lines and the e2e harness's own).
+awk '
+  /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  /^e2e: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
+  END { printf "total: %d passed, %d failed\n", p, f }
+' "$log"
+exit "$status"
