@@ -26,6 +26,12 @@ use crate::sys::{self, errno};
 use crate::union::{Target, Union};
 use crate::whiteout;
 
+/// Key of a directory's own listing in `UnionFs::dirs` when the kernel sends no OPENDIR
+/// (handle numbers never reach bit 63).
+fn dir_key(ino: u64) -> u64 {
+    ino | 1 << 63
+}
+
 fn to_errno(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -105,6 +111,8 @@ pub struct UnionFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// The kernel supports FUSE_NO_OPENDIR_SUPPORT.
+    no_opendir: AtomicBool,
 }
 
 impl UnionFs {
@@ -138,6 +146,7 @@ impl UnionFs {
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            no_opendir: AtomicBool::new(false),
         }
     }
 
@@ -216,21 +225,38 @@ impl UnionFs {
     }
 
     fn dir_entries(&self, ino: u64, fh: FileHandle, offset: u64) -> io::Result<Listing> {
-        let h = lock(&self.dirs)
-            .get(&fh.0)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let h = if fh.0 == 0 {
+            // No OPENDIR (see `opendir`): one listing per directory inode, dropped at its end.
+            lock(&self.dirs)
+                .entry(dir_key(ino))
+                .or_insert_with(|| {
+                    Arc::new(DirHandle {
+                        entries: Mutex::new(None),
+                    })
+                })
+                .clone()
+        } else {
+            lock(&self.dirs)
+                .get(&fh.0)
+                .cloned()
+                .ok_or_else(|| errno(libc::EBADF))?
+        };
         let mut entries = lock(&h.entries);
-        match &*entries {
+        let listing = match &*entries {
             // Offset 0 is the first read or a rewinddir(3): list the directory as it is now.
-            Some(e) if offset != 0 => Ok(e.clone()),
+            Some(e) if offset != 0 => e.clone(),
             _ => {
                 let inode = self.u.inode(ino)?;
                 let snap = self.snapshot(&inode)?;
                 *entries = Some(snap.clone());
-                Ok(snap)
+                snap
             }
+        };
+        drop(entries);
+        if fh.0 == 0 && offset as usize >= listing.0.len() {
+            lock(&self.dirs).remove(&dir_key(ino));
         }
+        Ok(listing)
     }
 
     /// Opens the real file for an open(2) of `inode`, copying it up first when writing.
@@ -488,6 +514,9 @@ impl Filesystem for UnionFs {
             // mount is nosuid).
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & caps);
+        if caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT) {
+            self.no_opendir.store(true, Ordering::Relaxed);
+        }
         if self.passthrough.load(Ordering::Relaxed) {
             if caps.contains(InitFlags::FUSE_PASSTHROUGH)
                 && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -518,6 +547,9 @@ impl Filesystem for UnionFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.u.forget(ino.0, nlookup);
+        if self.u.inode(ino.0).is_err() {
+            lock(&self.dirs).remove(&dir_key(ino.0));
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -801,6 +833,12 @@ impl Filesystem for UnionFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // The kernel then stops sending OPENDIR/RELEASEDIR altogether and treats every
+            // directory as FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR: one round trip less per
+            // directory walked, none at all for a directory it has cached.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.u.inode(ino.0) {
             Ok(i) if i.is_dir() => {
                 // The listing is taken at the first readdir: a kernel serving readdir from its
