@@ -54,7 +54,8 @@ impl BarChart<'_> {
             .min(self.reference.unwrap_or(f64::INFINITY));
         let (lo, hi) = if self.log {
             (
-                (min.max(1e-6)).log10().floor(),
+                // One decade below the smallest value, so the shortest bar stays visible.
+                (min.max(1e-6)).log10().floor() - 1.0,
                 max.log10().ceil().max(min.log10().floor() + 1.0),
             )
         } else {
@@ -148,9 +149,10 @@ impl BarChart<'_> {
                 w - right
             );
         }
+        // Legend: one row, each entry as wide as its label.
+        let mut x = left;
         for (si, (name, _)) in self.series.iter().enumerate() {
-            let x = left + 10.0 + 150.0 * (si % 6) as f64;
-            let y = h - 14.0 - 16.0 * (si / 6) as f64;
+            let y = h - 14.0;
             let _ = write!(
                 s,
                 r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/>"#,
@@ -158,6 +160,7 @@ impl BarChart<'_> {
                 COLORS[si % COLORS.len()]
             );
             let _ = write!(s, r#"<text x="{}" y="{y}">{}</text>"#, x + 16.0, esc(name));
+            x += 36.0 + 7.0 * name.chars().count() as f64;
         }
         s.push_str("</svg>\n");
         s
