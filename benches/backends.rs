@@ -18,6 +18,9 @@
 //! large_write,small_create,copy_up,delete`). Every mount is unmounted and the scratch dir removed on
 //! exit, on panic and on SIGINT/SIGTERM.
 
+#[path = "support/chart.rs"]
+mod chart;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -1003,6 +1006,42 @@ fn report(
 
 // ---------------------------------------------------------------------------------------------------------
 
+/// The speed-vs-kernel table as a grouped bar chart (one group per workload, one bar per backend).
+fn speed_chart(report: &serde_json::Value) -> String {
+    let backends: Vec<(String, String)> = report["backends"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|b| b["missing"].is_null())
+                .map(|b| {
+                    let s = |k: &str| b[k].as_str().unwrap_or_default().to_string();
+                    (s("name"), s("label"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let groups: Vec<String> = Workload::ALL.iter().map(|w| w.name().to_string()).collect();
+    let series = backends
+        .iter()
+        .map(|(name, label)| {
+            let vals = groups
+                .iter()
+                .map(|w| report["workloads"][w][name]["speed_vs_kernel"].as_f64())
+                .collect();
+            (label.clone(), vals)
+        })
+        .collect();
+    chart::BarChart {
+        title: "Speed as a fraction of kernel overlayfs (higher is faster; dashed line = kernel)",
+        y_label: "kernel time / backend time (log scale)",
+        groups,
+        series,
+        log: true,
+        reference: Some(1.0),
+    }
+    .svg()
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs us without it: do nothing then.
     if !std::env::args().any(|a| a == "--bench") {
@@ -1114,6 +1153,9 @@ fn main() {
         fs::create_dir_all(parent).expect("json dir");
     }
     fs::write(&cfg.json, serde_json::to_string_pretty(&json).unwrap()).expect("write json");
+    let svg_path = cfg.json.with_extension("svg");
+    fs::write(&svg_path, speed_chart(&json)).expect("write chart");
+    eprintln!("bench: wrote {}", svg_path.display());
     eprintln!(
         "bench: wrote {} ({:.0} s total)",
         cfg.json.display(),
