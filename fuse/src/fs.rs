@@ -26,6 +26,9 @@ use crate::sys::{self, errno};
 use crate::union::{Target, Union};
 use crate::whiteout;
 
+/// Largest file whose content `prefill` pushes at open.
+const PREFILL_MAX: usize = 64 * 1024;
+
 /// Key of a directory's own listing in `UnionFs::dirs` when the kernel sends no OPENDIR
 /// (handle numbers never reach bit 63).
 fn dir_key(ino: u64) -> u64 {
@@ -337,6 +340,54 @@ impl UnionFs {
                 }
                 cached(inode)
             }
+        }
+    }
+
+    /// Pushes a small file's content into the kernel page cache (FUSE_NOTIFY_STORE) while
+    /// opening it read-only, so the read that follows needs no READ round trip. Only when the
+    /// file has no other open handle: nobody else can then hold one of its page locks while
+    /// waiting for us, and nobody writes it; a change seen after the store drops the pages again.
+    fn prefill(&self, inode: &Inode, fd: &OwnedFd, st: &libc::stat) {
+        let size = st.st_size as usize;
+        if size == 0 || size > PREFILL_MAX || inode.opens.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        let Some(n) = self.u.notifier.get() else {
+            return;
+        };
+        let stored = READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            match sys::pread_full(fd.as_raw_fd(), &mut buf[..size], 0) {
+                Ok(got) if got == size => n.store(INodeNo(inode.ino), 0, &buf[..got]).is_ok(),
+                _ => false,
+            }
+        });
+        if !stored {
+            return;
+        }
+        let changed = match sys::fstat(fd.as_raw_fd()) {
+            Ok(now) => {
+                (
+                    now.st_size,
+                    now.st_mtime,
+                    now.st_mtime_nsec,
+                    now.st_ctime,
+                    now.st_ctime_nsec,
+                ) != (
+                    st.st_size,
+                    st.st_mtime,
+                    st.st_mtime_nsec,
+                    st.st_ctime,
+                    st.st_ctime_nsec,
+                )
+            }
+            Err(_) => true,
+        };
+        if changed {
+            let _ = n.inval_inode(INodeNo(inode.ino), 0, 0);
         }
     }
 
@@ -720,6 +771,9 @@ impl Filesystem for UnionFs {
             }
             Ok(OpenMode::Cached) => {
                 let fl = self.cached_flags(&inode);
+                if fl.contains(FopenFlags::FOPEN_KEEP_CACHE) && !writable {
+                    self.prefill(&inode, &fd, &st);
+                }
                 let fh = self.add_handle(inode, fd, flags.0, None);
                 reply.opened(FileHandle(fh), fl);
             }
