@@ -387,7 +387,12 @@ impl UnionFs {
             Err(_) => true,
         };
         if changed {
-            let _ = n.inval_inode(INodeNo(inode.ino), 0, 0);
+            // Dropping pages takes their locks: do it off this worker, which a reader holding
+            // one of them may be waiting for.
+            let (n, ino) = (n.clone(), inode.ino);
+            let _ = std::thread::Builder::new()
+                .name("inval".into())
+                .spawn(move || n.inval_inode(INodeNo(ino), 0, 0));
         }
     }
 
