@@ -159,6 +159,9 @@ impl UnionFs {
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
+        if let Some(st) = lock(&inode.state).dead_attr {
+            return Ok(make_attr(inode.ino, &st, false));
+        }
         let st = match fh.and_then(|fh| self.handle(fh).ok()) {
             Some(h) if !inode.is_dir() => sys::fstat(h.fd(&self.u)?.as_raw_fd())?,
             _ => self.u.target(inode)?.0.stat()?,
@@ -209,6 +212,14 @@ impl UnionFs {
     }
 
     fn snapshot(&self, inode: &Inode) -> io::Result<Listing> {
+        if lock(&inode.state).dead {
+            // A removed directory (someone's cwd) lists as empty, as on a local filesystem.
+            let dots = vec![
+                (".".into(), FileType::Directory, 0),
+                ("..".into(), FileType::Directory, 0),
+            ];
+            return Ok(Arc::new((dots, Vec::new())));
+        }
         let stack = self.u.stack(inode)?;
         let mut fds = Vec::with_capacity(stack.len());
         for &li in &stack {

@@ -47,6 +47,8 @@ pub struct InodeState {
     pub path: OsString,
     /// Removed directory (rmdir): nothing may be resolved below it.
     pub dead: bool,
+    /// A removed directory's last attributes (it may still be someone's cwd).
+    pub dead_attr: Option<libc::stat>,
     /// Upper (dev, ino) this inode is registered under in `Table::upper_ids`.
     pub upper_id: Option<(u64, u64)>,
     /// A passthrough open with write access happened: the page cache may be stale.

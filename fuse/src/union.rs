@@ -808,6 +808,9 @@ impl Union {
             let mut layers = {
                 let mut s = lock(&d.state);
                 s.dead = true;
+                let mut st = r.st;
+                st.st_nlink = 0;
+                s.dead_attr = Some(st);
                 s.stack.clone()
             };
             layers.push(0);
