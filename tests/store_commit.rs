@@ -626,3 +626,55 @@ fn user_namespace_stores_use_user_xattrs() {
         assert_eq!(s["xattr"], "user");
     });
 }
+
+#[test]
+fn a_dead_fuse_server_harms_no_other_session_and_is_remounted() {
+    for kind in backends() {
+        if kind != BackendKind::Fuse {
+            continue;
+        }
+        let fx = Fixture::new(kind, CommitMode::Replace);
+        fx.create("crash-a", &[]);
+        fx.create("crash-b", &[]);
+        let a = fx.mount("crash-a", "1");
+        let b = fx.mount("crash-b", "1");
+        fs::write(a.join("kept"), "a").unwrap();
+        fs::write(b.join("other"), "b").unwrap();
+        let pid_file = fx.root().join("work/crash/.a.pid");
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("pid file {}: {e}", pid_file.display()))
+            .trim()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while fs::metadata(&a).is_ok() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            fs::metadata(&a).is_err(),
+            "the killed server's mount is dead"
+        );
+        assert_eq!(
+            fs::read_to_string(b.join("other")).unwrap(),
+            "b",
+            "the other session is untouched"
+        );
+        // A further Mount of the volume finds the dead view and mounts it again over the upper.
+        let again = fx.mount("crash-a", "2");
+        assert_eq!(
+            fs::read_to_string(again.join("kept")).unwrap(),
+            "a",
+            "the session's writes survived"
+        );
+        fx.unmount("crash-a", "1");
+        fx.unmount("crash-a", "2");
+        assert_eq!(fx.latest("crash"), "a");
+        fx.unmount("crash-b", "1");
+        assert_eq!(fx.latest("crash"), "b");
+    }
+}

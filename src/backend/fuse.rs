@@ -164,7 +164,19 @@ impl Backend for Fuse {
         Ok(())
     }
 
+    /// A live FUSE mount. A mount whose server died answers ENOTCONN: it is detached here so
+    /// the session can be mounted again over its intact upper dir.
     fn is_mounted(&self, target: &Path) -> bool {
-        crate::fsutil::mount_fstype(target).is_some_and(|t| t.starts_with("fuse"))
+        if !crate::fsutil::mount_fstype(target).is_some_and(|t| t.starts_with("fuse")) {
+            return false;
+        }
+        match std::fs::metadata(target) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                tracing::warn!(target = %target.display(), "FUSE server of this mount is gone; detaching the dead mount");
+                let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+                false
+            }
+            _ => true,
+        }
     }
 }

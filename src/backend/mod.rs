@@ -80,7 +80,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn mount(&self, spec: &MountSpec<'_>) -> Result<Mounted>;
     /// Unmounts `target`; when it returns, nothing can write the upper dir any more.
     fn unmount(&self, target: &Path, pid: Option<i32>) -> Result<()>;
-    /// True when a mount of this backend is at `target`.
+    /// True when a live mount of this backend is at `target`.
     fn is_mounted(&self, target: &Path) -> bool;
 }
 
