@@ -312,8 +312,15 @@ impl UnionFs {
         let real = (st.st_dev, st.st_ino);
         if let Some(b) = live {
             if b.real != real {
-                // A read-only passthrough open of the lower file is still live.
-                return Err(errno(libc::ETXTBSY));
+                // A passthrough open of another real file (the lower one, before a copy-up) is
+                // still live, and the kernel allows one backing file per inode and no other kind
+                // of open beside it (fs/fuse/iomode.c: even FOPEN_DIRECT_IO fails). Detach this
+                // node from its name and answer ESTALE: the VFS retries the open once with
+                // LOOKUP_REVAL, the lookup then gives a fresh node for the same name, and the
+                // open succeeds there. The old fds keep their backing file.
+                drop(slot);
+                self.u.retire(inode);
+                return Err(errno(libc::ESTALE));
             }
             if writable {
                 lock(&inode.state).pt_written = true;

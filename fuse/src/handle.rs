@@ -19,8 +19,9 @@ pub enum OpenMode {
 }
 
 /// Lower files smaller than this are served through the page cache rather than passthrough:
-/// a passthrough open of a lower file pins its backing file, and the kernel would then refuse
-/// a write open of the copied-up file while the read-only one stays open.
+/// a passthrough open of a lower file pins its backing file, so a write open of the copied-up
+/// file while the read-only one stays open must move to a new node (see `UnionFs::open_mode`),
+/// and the old fd then keeps reading the lower file instead of following the copy-up.
 pub const PT_MIN_LOWER: i64 = 1 << 20;
 
 /// An open file.

@@ -432,6 +432,29 @@ impl Union {
         inode
     }
 
+    /// Detaches an inode from its names, so that the next lookup of any of them makes a new node
+    /// (see `UnionFs::open_mode`). The inode lives on for the files open on it and still reaches
+    /// its object through the names it keeps.
+    pub fn retire(&self, inode: &Inode) {
+        let mut t = wlock(&self.table);
+        let (names, upper_id) = {
+            let st = lock(&inode.state);
+            (st.names.clone(), st.upper_id)
+        };
+        for k in names {
+            if t.names.get(&k) == Some(&inode.ino) {
+                t.names.remove(&k);
+            }
+        }
+        if let Some(k) = upper_id {
+            if t.upper_ids.get(&k) == Some(&inode.ino) {
+                t.upper_ids.remove(&k);
+            }
+        }
+        // Names of a lower hard link would otherwise find this inode again by identity.
+        t.ids.retain(|_, i| *i != inode.ino);
+    }
+
     /// Drops `n` kernel lookups of an inode, freeing it at zero.
     pub fn forget(&self, ino: u64, n: u64) {
         if ino == fuser::INodeNo::ROOT.0 {

@@ -248,3 +248,110 @@ fn rootless_in_user_namespace() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether the running kernel has FUSE passthrough (6.9+), which root mounts then use.
+fn kernel_has_passthrough() -> bool {
+    let rel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (maj, min) >= (6, 9)
+}
+
+/// A large lower file held open read-only (passthrough, when available) can still be opened for
+/// writing, as on kernel overlayfs: both write opens succeed, the data lands in the upper copy,
+/// mmap of the new fd works, and the old fd keeps reading one consistent version of the file.
+fn open_for_write_while_big_lower_open(extra: &str, old_fd_sees_old: Option<bool>) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    let mut f = Fixture::new();
+    let size = 2 << 20;
+    let old: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    fs::write(f.p("lower/big"), &old).unwrap();
+    let out = f.mount(extra);
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = f.p("mnt/big");
+
+    let ro = fs::File::open(&p).unwrap();
+    let mut head = [0u8; 6];
+    ro.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, old[..6]);
+
+    let mut ap = fs::OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .expect("O_WRONLY|O_APPEND open while a read-only fd is open");
+    ap.write_all(b"APPENDED").unwrap();
+    let rw = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .expect("O_RDWR open while a read-only fd is open");
+    rw.write_all_at(b"NEW", 0).unwrap();
+
+    // mmap of the new fd sees the write and writes through.
+    // SAFETY: a fresh shared mapping of an fd we own, unmapped below.
+    unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            rw.as_raw_fd(),
+            0,
+        );
+        assert_ne!(m, libc::MAP_FAILED, "mmap of the new fd");
+        let s = std::slice::from_raw_parts_mut(m.cast::<u8>(), 4096);
+        assert_eq!(&s[..3], b"NEW");
+        s[3..6].copy_from_slice(b"MAP");
+        assert_eq!(libc::msync(m, 4096, libc::MS_SYNC), 0);
+        libc::munmap(m, 4096);
+    }
+
+    let mut want = old.clone();
+    want[..6].copy_from_slice(b"NEWMAP");
+    want.extend_from_slice(b"APPENDED");
+    assert_eq!(fs::read(&p).unwrap(), want, "new content through the mount");
+    assert_eq!(
+        fs::read(f.p("upper/big")).unwrap(),
+        want,
+        "new content in upper"
+    );
+    assert_eq!(fs::read(f.p("lower/big")).unwrap(), old, "lower untouched");
+
+    // The old fd reads one whole version: the lower file it opened (passthrough) or, served by
+    // us, the copy it follows after copy-up (what kernel overlayfs gives read(2)).
+    let mut via_old = vec![0u8; size + 8];
+    let mut n = 0;
+    while n < via_old.len() {
+        match ro.read_at(&mut via_old[n..], n as u64).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    via_old.truncate(n);
+    let sees_old = via_old == old;
+    assert!(sees_old || via_old == want, "old fd reads a mix");
+    if let Some(expect) = old_fd_sees_old {
+        assert_eq!(sees_old, expect, "version read through the old fd");
+    }
+    drop((ro, ap, rw));
+    assert_eq!(fs::read(&p).unwrap(), want);
+}
+
+#[test]
+fn open_for_write_while_big_lower_file_is_open() {
+    if std::env::var_os(IN_USERNS).is_some() || !require_mount() {
+        return;
+    }
+    open_for_write_while_big_lower_open("", kernel_has_passthrough().then_some(true));
+    open_for_write_while_big_lower_open(",passthrough=off", Some(false));
+}
