@@ -52,6 +52,9 @@ enum Command {
         /// Store root, where the probe mounts are made.
         #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
         root: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List caches (latest, layer chain, sizes) and volumes with their sessions.
     Ls {
@@ -111,8 +114,12 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 crate::server::serve(listener, &socket, driver, shutdown_signal()).await
             })
         }
-        Command::Probe { root } => {
+        Command::Probe { root, json } => {
             let report = crate::probe::probe(&root, &own_exe()?);
+            if json {
+                println!("{}", report.to_json());
+                return Ok(());
+            }
             print!("{report}");
             report
                 .pick(BackendChoice::Auto)

@@ -22,6 +22,9 @@ pub struct Report {
     pub kernel: Result<(), String>,
     /// `Ok` or why the FUSE mount failed.
     pub fuse: Result<(), String>,
+    /// When run outside a user namespace: the same probe inside a fresh one (`unshare -Urm`),
+    /// i.e. what a rootless Docker or Podman host would get. `None` when already inside one.
+    pub rootless: Option<Box<Report>>,
 }
 
 impl Report {
@@ -72,9 +75,22 @@ impl fmt::Display for Report {
         writeln!(f, "kernel overlayfs: {}", show(&self.kernel))?;
         writeln!(f, "fuse (cachedriver-fuse): {}", show(&self.fuse))?;
         match self.pick(BackendChoice::Auto) {
-            Ok(k) => writeln!(f, "auto picks: {}", k.as_str()),
-            Err(e) => writeln!(f, "auto picks: nothing ({e})"),
+            Ok(k) => writeln!(f, "auto picks: {}", k.as_str())?,
+            Err(e) => writeln!(f, "auto picks: nothing ({e})")?,
         }
+        if let Some(r) = &self.rootless {
+            writeln!(
+                f,
+                "inside a new user namespace (as rootless Docker/Podman run):"
+            )?;
+            writeln!(f, "  kernel overlayfs (userxattr): {}", show(&r.kernel))?;
+            writeln!(f, "  fuse (cachedriver-fuse): {}", show(&r.fuse))?;
+            match r.pick(BackendChoice::Auto) {
+                Ok(k) => writeln!(f, "  auto would pick: {}", k.as_str())?,
+                Err(e) => writeln!(f, "  auto would pick: nothing ({e})")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -150,13 +166,79 @@ fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Re
     Ok(())
 }
 
-/// Probes both backends under `root`; `exe` serves FUSE mounts.
+/// Probes both backends under `root`; `exe` serves FUSE mounts. Outside a user namespace it
+/// also probes inside a fresh one (`unshare -Urm`), as rootless engines would run.
 pub fn probe(root: &Path, exe: &Path) -> Report {
     let xattr = XattrNs::for_this_process();
+    let userns = crate::fsutil::in_user_namespace();
     Report {
-        userns: crate::fsutil::in_user_namespace(),
+        userns,
         xattr,
         kernel: try_backend(BackendKind::Kernel, root, exe, xattr),
         fuse: try_backend(BackendKind::Fuse, root, exe, xattr),
+        rootless: (!userns).then(|| Box::new(probe_in_user_namespace(root, exe))),
+    }
+}
+
+/// Runs `exe probe --json` under `unshare -Urm` and reads its report back.
+fn probe_in_user_namespace(root: &Path, exe: &Path) -> Report {
+    let failed = |why: String| Report {
+        userns: true,
+        xattr: XattrNs::User,
+        kernel: Err(why.clone()),
+        fuse: Err(why),
+        rootless: None,
+    };
+    let out = std::process::Command::new("unshare")
+        .args(["-Urm", "--propagation", "private", "--"])
+        .arg(exe)
+        .arg("probe")
+        .arg("--json")
+        .arg("--root")
+        .arg(root)
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return failed(format!("cannot run unshare: {e}")),
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+        Ok(v) => v,
+        Err(_) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return failed(format!(
+                "cannot create a user namespace here: {}",
+                err.trim().lines().last().unwrap_or("unshare failed")
+            ));
+        }
+    };
+    let get = |k: &str| match v[k].as_str() {
+        Some("ok") => Ok(()),
+        Some(e) => Err(e.to_string()),
+        None => Err("no answer".to_string()),
+    };
+    Report {
+        userns: true,
+        xattr: XattrNs::User,
+        kernel: get("kernel"),
+        fuse: get("fuse"),
+        rootless: None,
+    }
+}
+
+impl Report {
+    /// The machine-readable form `probe --json` prints (`"ok"` or the reason per backend).
+    pub fn to_json(&self) -> serde_json::Value {
+        let show = |r: &Result<(), String>| match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.clone(),
+        };
+        serde_json::json!({
+            "userns": self.userns,
+            "xattr": self.xattr.as_str(),
+            "kernel": show(&self.kernel),
+            "fuse": show(&self.fuse),
+            "auto": self.pick(BackendChoice::Auto).ok().map(|k| k.as_str()),
+            "rootless": self.rootless.as_ref().map(|r| r.to_json()),
+        })
     }
 }

@@ -678,3 +678,48 @@ fn a_dead_fuse_server_harms_no_other_session_and_is_remounted() {
         assert_eq!(fx.latest("crash"), "b");
     }
 }
+
+#[test]
+fn probe_reports_both_backends_here_and_in_a_user_namespace() {
+    if backends().is_empty() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(exe())
+        .args(["probe", "--json", "--root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["kernel"], "ok", "{v}");
+    assert_eq!(v["fuse"], "ok", "{v}");
+    assert_eq!(v["auto"], "kernel", "{v}");
+    let inner = &v["rootless"];
+    assert_eq!(inner["userns"], true, "{v}");
+    assert_eq!(inner["xattr"], "user", "{v}");
+    assert_eq!(
+        inner["kernel"], "ok",
+        "kernel overlay with userxattr inside a user namespace: {v}"
+    );
+    assert_eq!(inner["fuse"], "ok", "FUSE inside a user namespace: {v}");
+    let text = std::process::Command::new(exe())
+        .args(["probe", "--root"])
+        .arg(root.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("auto picks: kernel") && text.contains("inside a new user namespace"),
+        "{text}"
+    );
+    assert_eq!(
+        fs::read_dir(root.path()).unwrap().count(),
+        0,
+        "probe dirs are removed"
+    );
+}
