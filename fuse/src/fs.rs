@@ -22,6 +22,7 @@ use crate::handle::{kill_suidgid, Handle, OpenMode, PT_MIN_LOWER, READ_BUF};
 use crate::inode::{lock, rlock, wlock, Backing, Inode};
 use crate::layers::{self, Layers};
 use crate::options::Passthrough;
+use crate::prefetch::Prefetch;
 use crate::sys::{self, errno};
 use crate::union::{Target, Union};
 use crate::whiteout;
@@ -116,6 +117,8 @@ pub struct UnionFs {
     next_fh: AtomicU64,
     /// The kernel supports FUSE_NO_OPENDIR_SUPPORT.
     no_opendir: AtomicBool,
+    /// Directory read-ahead for cold walks.
+    prefetch: Prefetch,
 }
 
 impl UnionFs {
@@ -150,6 +153,7 @@ impl UnionFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             no_opendir: AtomicBool::new(false),
+            prefetch: Prefetch::default(),
         }
     }
 
@@ -222,9 +226,11 @@ impl UnionFs {
         }
         let stack = self.u.stack(inode)?;
         let mut fds = Vec::with_capacity(stack.len());
+        let mut path_fds = Vec::with_capacity(stack.len());
         for &li in &stack {
             let fd = self.u.dir_fd(inode, li)?;
             fds.push(sys::reopen_dir(fd.as_raw_fd())?);
+            path_fds.push(fd);
         }
         let mut out = vec![
             (".".into(), FileType::Directory, 0),
@@ -235,6 +241,15 @@ impl UnionFs {
                 .into_iter()
                 .map(|e| (e.name, dtype_to_type(e.dtype), e.pos)),
         );
+        // Read the subdirectories ahead, each in the layer the listing found it in.
+        for (pos, fd) in path_fds.iter().enumerate() {
+            let dirs: Vec<std::ffi::CString> = out[2..]
+                .iter()
+                .filter(|(_, k, p)| *k == FileType::Directory && *p == pos)
+                .filter_map(|(n, _, _)| sys::cstr(n).ok())
+                .collect();
+            self.prefetch.push(fd, dirs);
+        }
         Ok(Arc::new((out, stack)))
     }
 

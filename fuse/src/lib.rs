@@ -9,6 +9,7 @@ mod handle;
 mod inode;
 mod layers;
 pub mod options;
+mod prefetch;
 mod sys;
 mod union;
 pub mod whiteout;
