@@ -18,7 +18,7 @@ const DEPTH: u32 = 3;
 /// Most directories waiting (each holds its parent's fd); the oldest are dropped beyond.
 const MAX_QUEUE: usize = 1024;
 /// Directories remembered as read ahead before the memory is reset.
-const MAX_SEEN: usize = 1 << 20;
+const MAX_SEEN: usize = 1 << 18;
 /// Background threads.
 const THREADS: usize = 2;
 
