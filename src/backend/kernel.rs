@@ -73,13 +73,13 @@ impl FsContext {
         out.join("; ")
     }
 
-    fn call(
+    /// One `fsconfig` call; the bare errno on failure.
+    fn raw(
         &self,
         cmd: libc::c_uint,
         key: Option<&str>,
         value: Option<&[u8]>,
-        what: &str,
-    ) -> Result<()> {
+    ) -> Result<std::io::Result<()>> {
         let key_c = key.map(|k| cstr(k.as_bytes())).transpose()?;
         let val_c = value.map(cstr).transpose()?;
         // SAFETY: pointers are NULL or point at live NUL-terminated strings.
@@ -93,19 +93,35 @@ impl FsContext {
                 0,
             )
         };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            let msgs = self.kernel_messages();
-            return Err(Error::Backend(format!(
-                "overlay mount: {what}: {e}{}",
-                if msgs.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (kernel: {msgs})")
-                }
-            )));
-        }
-        Ok(())
+        Ok(if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        })
+    }
+
+    /// Turns a failed call into an error naming `what` and the kernel's own messages.
+    fn explain(&self, what: &str, e: std::io::Error) -> Error {
+        let msgs = self.kernel_messages();
+        Error::Backend(format!(
+            "overlay mount: {what}: {e}{}",
+            if msgs.is_empty() {
+                String::new()
+            } else {
+                format!(" (kernel: {msgs})")
+            }
+        ))
+    }
+
+    fn call(
+        &self,
+        cmd: libc::c_uint,
+        key: Option<&str>,
+        value: Option<&[u8]>,
+        what: &str,
+    ) -> Result<()> {
+        self.raw(cmd, key, value)?
+            .map_err(|e| self.explain(what, e))
     }
 
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
@@ -123,15 +139,37 @@ fn redirect_dir(userxattr: bool) -> &'static [u8] {
     }
 }
 
-fn mount_new_api(
-    spec: &MountSpec<'_>,
-    userxattr: bool,
-) -> std::result::Result<Result<()>, std::io::Error> {
-    let ctx = FsContext::open()?;
-    Ok((|| {
+/// Why the new mount API did not mount.
+enum NewApiError {
+    /// `fsopen` failed (ENOSYS on old kernels, or ENODEV/EPERM), or the kernel does not know
+    /// `lowerdir+` (EINVAL, before 6.8): the classic option string may still work.
+    Unsupported(std::io::Error),
+    /// A real mount error.
+    Failed(Error),
+}
+
+impl From<Error> for NewApiError {
+    fn from(e: Error) -> Self {
+        NewApiError::Failed(e)
+    }
+}
+
+fn mount_new_api(spec: &MountSpec<'_>, userxattr: bool) -> std::result::Result<(), NewApiError> {
+    let ctx = FsContext::open().map_err(NewApiError::Unsupported)?;
+    {
         ctx.set("source", b"cachedriver")?;
         for l in &spec.lowers {
-            ctx.set("lowerdir+", l.as_os_str().as_bytes())?;
+            match ctx.raw(
+                FSCONFIG_SET_STRING,
+                Some("lowerdir+"),
+                Some(l.as_os_str().as_bytes()),
+            )? {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Err(NewApiError::Unsupported(e))
+                }
+                Err(e) => return Err(ctx.explain("lowerdir+", e).into()),
+            }
         }
         ctx.set("upperdir", spec.upper.as_os_str().as_bytes())?;
         ctx.set("workdir", spec.work.as_os_str().as_bytes())?;
@@ -146,10 +184,10 @@ fn mount_new_api(
         let mfd =
             unsafe { libc::syscall(libc::SYS_fsmount, ctx.fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
         if mfd < 0 {
-            return Err(Error::Backend(format!(
+            return Err(NewApiError::Failed(Error::Backend(format!(
                 "overlay mount: fsmount: {}",
                 std::io::Error::last_os_error()
-            )));
+            ))));
         }
         // SAFETY: fsmount returned a fresh fd.
         let mfd = unsafe { OwnedFd::from_raw_fd(mfd as i32) };
@@ -166,14 +204,14 @@ fn mount_new_api(
             )
         };
         if r < 0 {
-            return Err(Error::Backend(format!(
+            return Err(NewApiError::Failed(Error::Backend(format!(
                 "overlay mount: attaching at {}: {}",
                 spec.target.display(),
                 std::io::Error::last_os_error()
-            )));
+            ))));
         }
         Ok(())
-    })())
+    }
 }
 
 /// mount(2) with the classic option string: one page at most, so about 60 layers.
@@ -228,16 +266,15 @@ impl Backend for Kernel {
     fn mount(&self, spec: &MountSpec<'_>) -> Result<Mounted> {
         let userxattr = spec.xattr == XattrNs::User;
         match mount_new_api(spec, userxattr) {
-            Ok(Ok(())) => Ok(Mounted::default()),
-            Ok(Err(e)) if e.to_string().contains("lowerdir+: Invalid argument") => {
-                tracing::info!("kernel has no lowerdir+, using the classic option string");
+            Ok(()) => Ok(Mounted::default()),
+            Err(NewApiError::Failed(e)) => Err(e),
+            Err(NewApiError::Unsupported(e))
+                if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) =>
+            {
+                tracing::info!(error = %e, "no fsopen/lowerdir+ here; using the classic option string");
                 mount_classic(spec, userxattr).map(|()| Mounted::default())
             }
-            Ok(Err(e)) => Err(e),
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                mount_classic(spec, userxattr).map(|()| Mounted::default())
-            }
-            Err(e) => Err(Error::Backend(format!(
+            Err(NewApiError::Unsupported(e)) => Err(Error::Backend(format!(
                 "overlay mount: fsopen(\"overlay\"): {e}{}",
                 match e.raw_os_error() {
                     Some(libc::ENODEV) =>
