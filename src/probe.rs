@@ -27,31 +27,33 @@ pub struct Report {
     pub rootless: Option<Box<Report>>,
 }
 
+/// The backend `choice` resolves to, given how to learn whether each backend works. `auto` asks
+/// about FUSE only when the kernel fails, so a lazy `fuse` is never run on a kernel host.
+fn choose(
+    choice: BackendChoice,
+    kernel: impl FnOnce() -> Result<(), String>,
+    fuse: impl FnOnce() -> Result<(), String>,
+) -> Result<BackendKind, String> {
+    match choice {
+        BackendChoice::Kernel => kernel()
+            .map(|()| BackendKind::Kernel)
+            .map_err(|e| format!("--backend kernel: {e}")),
+        BackendChoice::Fuse => fuse()
+            .map(|()| BackendKind::Fuse)
+            .map_err(|e| format!("--backend fuse: {e}")),
+        BackendChoice::Auto => match kernel() {
+            Ok(()) => Ok(BackendKind::Kernel),
+            Err(k) => fuse()
+                .map(|()| BackendKind::Fuse)
+                .map_err(|f| format!("no backend works here: kernel overlayfs: {k}; FUSE: {f}")),
+        },
+    }
+}
+
 impl Report {
     /// The backend `choice` resolves to, or why none can be used.
     pub fn pick(&self, choice: BackendChoice) -> Result<BackendKind, String> {
-        let why = |r: &Result<(), String>| r.clone().err().unwrap_or_default();
-        match choice {
-            BackendChoice::Kernel => self
-                .kernel
-                .clone()
-                .map(|()| BackendKind::Kernel)
-                .map_err(|e| format!("--backend kernel: {e}")),
-            BackendChoice::Fuse => self
-                .fuse
-                .clone()
-                .map(|()| BackendKind::Fuse)
-                .map_err(|e| format!("--backend fuse: {e}")),
-            BackendChoice::Auto => match (&self.kernel, &self.fuse) {
-                (Ok(()), _) => Ok(BackendKind::Kernel),
-                (Err(_), Ok(())) => Ok(BackendKind::Fuse),
-                (k, f) => Err(format!(
-                    "no backend works here: kernel overlayfs: {}; FUSE: {}",
-                    why(k),
-                    why(f)
-                )),
-            },
-        }
+        choose(choice, || self.kernel.clone(), || self.fuse.clone())
     }
 }
 
@@ -98,24 +100,16 @@ impl fmt::Display for Report {
 /// FUSE only if the kernel fails.
 pub fn resolve(choice: BackendChoice, root: &Path, exe: &Path) -> Result<BackendKind, String> {
     let xattr = XattrNs::for_this_process();
-    let try_one = |kind| try_backend(kind, root, exe, xattr);
-    match choice {
-        BackendChoice::Kernel => try_one(BackendKind::Kernel)
-            .map(|()| BackendKind::Kernel)
-            .map_err(|e| format!("--backend kernel: {e}")),
-        BackendChoice::Fuse => try_one(BackendKind::Fuse)
-            .map(|()| BackendKind::Fuse)
-            .map_err(|e| format!("--backend fuse: {e}")),
-        BackendChoice::Auto => match try_one(BackendKind::Kernel) {
-            Ok(()) => Ok(BackendKind::Kernel),
-            Err(k) => {
-                tracing::warn!("kernel overlayfs does not work here ({k}); trying FUSE");
-                try_one(BackendKind::Fuse)
-                    .map(|()| BackendKind::Fuse)
-                    .map_err(|f| format!("no backend works here: kernel overlayfs: {k}; FUSE: {f}"))
-            }
-        },
-    }
+    let kernel = || {
+        let r = try_backend(BackendKind::Kernel, root, exe, xattr);
+        if let (Err(e), BackendChoice::Auto) = (&r, choice) {
+            tracing::warn!("kernel overlayfs does not work here ({e}); trying FUSE");
+        }
+        r
+    };
+    choose(choice, kernel, || {
+        try_backend(BackendKind::Fuse, root, exe, xattr)
+    })
 }
 
 fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Result<(), String> {
