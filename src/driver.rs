@@ -19,7 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{create_dir_all_durable, now_rfc3339, remove_tree};
 use crate::names::{parse_volume, validate_volume, CommitMode, VolumeOptions};
 use crate::state::XattrNs;
-use crate::store::{Session, Store, VolumeRecord};
+use crate::store::{CacheLock, Session, Store, VolumeRecord};
 
 /// Longest mount ID we accept (Docker sends 64 hex digits).
 const MAX_MOUNT_ID: usize = 256;
@@ -137,19 +137,25 @@ impl Driver {
         Ok(())
     }
 
+    /// Takes the lock of the volume's cache and reads the volume's record under it: the record
+    /// read before the lock (to learn the cache) may be stale by the time the lock is held.
+    fn lock_volume(&self, name: &str) -> Result<(CacheLock, VolumeRecord)> {
+        let cache = self.volume(name)?.cache;
+        let lock = self.store.lock_cache(&cache)?;
+        Ok((lock, self.volume(name)?))
+    }
+
     /// Forgets a volume; refused while it is mounted. Unknown volumes are already gone.
     pub fn remove(&self, name: &str) -> Result<()> {
-        let Some(rec) = self.store.load_volume(name)? else {
-            return Ok(());
+        let (_lock, rec) = match self.lock_volume(name) {
+            Err(Error::NoSuchVolume(_)) => return Ok(()),
+            r => r?,
         };
-        let _lock = self.store.lock_cache(&rec.cache)?;
-        if let Some(rec) = self.store.load_volume(name)? {
-            if let Some(s) = &rec.session {
-                return Err(Error::InUse {
-                    volume: name.to_string(),
-                    mounts: s.mount_count(),
-                });
-            }
+        if let Some(s) = &rec.session {
+            return Err(Error::InUse {
+                volume: name.to_string(),
+                mounts: s.mount_count(),
+            });
         }
         self.store.delete_volume(name)?;
         tracing::info!(volume = name, "removed");
@@ -211,9 +217,7 @@ impl Driver {
     /// joins the running one. Returns the merged dir.
     pub fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         Self::check_mount_id(id)?;
-        let cache = self.volume(name)?.cache;
-        let _lock = self.store.lock_cache(&cache)?;
-        let mut rec = self.volume(name)?;
+        let (_lock, mut rec) = self.lock_volume(name)?;
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
         if let Some(s) = rec.session.clone() {
             if !self.backend_for(s.backend).is_mounted(&merged) {
@@ -274,9 +278,7 @@ impl Driver {
     /// Ends mount `id` of the volume; the last one unmounts the view and commits the session.
     pub fn unmount(&self, name: &str, id: &str) -> Result<()> {
         Self::check_mount_id(id)?;
-        let cache = self.volume(name)?.cache;
-        let _lock = self.store.lock_cache(&cache)?;
-        let mut rec = self.volume(name)?;
+        let (_lock, mut rec) = self.lock_volume(name)?;
         let not_mounted = || Error::NotMounted {
             volume: name.to_string(),
             id: id.to_string(),
