@@ -65,12 +65,11 @@ async fn handle(
     };
     let started = std::time::Instant::now();
     let name = protocol::request_name(&body);
-    let d = driver.clone();
-    let b = body.clone();
-    let reply = match tokio::task::spawn_blocking(move || protocol::handle(&d, ep, &b)).await {
-        Ok(r) => r,
-        Err(e) => error_reply(500, format!("internal error: {e}")),
-    };
+    let reply =
+        match tokio::task::spawn_blocking(move || protocol::handle(&driver, ep, &body)).await {
+            Ok(r) => r,
+            Err(e) => error_reply(500, format!("internal error: {e}")),
+        };
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     if reply.status != 200 {
         tracing::warn!(endpoint = ?ep, volume = ?name, status = reply.status, ms, err = %reply.body["Err"], "request failed");
