@@ -125,45 +125,14 @@ pub fn in_user_namespace() -> bool {
     }
 }
 
-/// Decodes the octal escapes (`\040`) the kernel uses in /proc/self/mountinfo.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let oct = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(oct, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The filesystem type mounted at exactly `path`, if `path` is a mount point in our namespace.
+/// The filesystem type mounted at exactly `path`, if `path` is a mount point in our namespace
+/// (the topmost mount when several are stacked there).
 pub fn mount_fstype(path: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy();
-    let mut found = None;
-    for line in info.lines() {
-        let mut parts = line.split(" - ");
-        let (Some(pre), Some(post)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let Some(mp) = pre.split(' ').nth(4) else {
-            continue;
-        };
-        if unescape_mountinfo(mp) == want {
-            // The last matching line is the top of the stack.
-            found = post.split(' ').next().map(str::to_string);
-        }
-    }
-    found
+    cachedriver_fuse::mount_table()
+        .into_iter()
+        .rev()
+        .find(|(point, _)| point == path)
+        .map(|(_, fstype)| fstype)
 }
 
 /// Current time as RFC 3339 UTC (`2026-11-25T02:16:34Z`), for state files and `docker volume inspect`.
@@ -206,12 +175,6 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 
     #[test]

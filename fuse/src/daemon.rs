@@ -140,6 +140,22 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The mount table of this process's namespace: (mount point, filesystem type) per line of
+/// `/proc/self/mountinfo`, in order (a later entry for a path is mounted on top of an earlier one).
+pub fn mount_table() -> Vec<(PathBuf, String)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let (point, fstype) = (fields.get(4)?, fields.get(sep + 1)?);
+            Some((PathBuf::from(unescape_mountinfo(point)), fstype.to_string()))
+        })
+        .collect()
+}
+
 /// Checks the mountpoint: an existing directory, not already one of our mounts. Returns its
 /// canonical path.
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
@@ -148,23 +164,13 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
         return Err(format!("mountpoint {mp:?} is not a directory"));
     }
     let canon = std::fs::canonicalize(mp).map_err(|e| format!("mountpoint {mp:?}: {e}"))?;
-    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-        for line in info.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let Some(sep) = fields.iter().position(|f| *f == "-") else {
-                continue;
-            };
-            let (Some(point), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
-                continue;
-            };
-            if Path::new(&unescape_mountinfo(point)) == canon
-                && fstype.starts_with("fuse.cachedriver")
-            {
-                return Err(format!(
-                    "mountpoint {mp:?} is already a cachedriver-fuse mount"
-                ));
-            }
-        }
+    if mount_table()
+        .iter()
+        .any(|(point, fstype)| *point == canon && fstype.starts_with("fuse.cachedriver"))
+    {
+        return Err(format!(
+            "mountpoint {mp:?} is already a cachedriver-fuse mount"
+        ));
     }
     Ok(canon)
 }

@@ -14,6 +14,8 @@ mod sys;
 mod union;
 pub mod whiteout;
 
+pub use daemon::mount_table;
+
 use std::ffi::OsString;
 
 use fuser::{Config, Session, SessionACL};
