@@ -83,6 +83,7 @@ fn own_exe() -> anyhow::Result<PathBuf> {
 pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let cli = Cli::parse_from(args);
     init_logging();
+    let _failpoints = crate::failpoint::setup();
     match cli.command {
         Command::Serve {
             root,

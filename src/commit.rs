@@ -82,17 +82,13 @@ pub fn commit(
         let dest = store.layer_dir(&rec.cache, &layer);
         // The container's writes were never fsynced: make them durable before a layer names them.
         syncfs(&upper)?;
-        fail::fail_point!("commit::before_rename", |_| Err(Error::Backend(
-            "failpoint commit::before_rename".into()
-        )));
+        crate::failpoint!("commit::before_rename");
         fs::rename(&upper, &dest).ctx("promoting upper dir to layer", &dest)?;
         fsync_dir(&store.cache_dir(&rec.cache))?;
         if let Some(p) = upper.parent() {
             fsync_dir(p)?;
         }
-        fail::fail_point!("commit::before_state", |_| Err(Error::Backend(
-            "failpoint commit::before_state".into()
-        )));
+        crate::failpoint!("commit::before_state");
         state.push_layer(&layer, &parent, &rec.name);
         store.save_state(&rec.cache, &state)?;
         Outcome::Committed { layer, parent }

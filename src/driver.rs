@@ -249,6 +249,7 @@ impl Driver {
             started_at: now_rfc3339(),
             pid: None,
             root_attrs,
+            committing: None,
         };
         // Record the session before mounting: a crash after the mount leaves a record naming it.
         rec.session = Some(session.clone());

@@ -35,6 +35,9 @@ pub enum Error {
     /// A backend failed to mount or unmount.
     #[error("{0}")]
     Backend(String),
+    /// A crash-test failpoint fired (only in `--features failpoints` builds).
+    #[error("failpoint {0} fired")]
+    Failpoint(&'static str),
     /// An I/O error, with what we were doing and where.
     #[error("{context} {}: {source}", path.display())]
     Io {

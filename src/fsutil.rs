@@ -33,14 +33,10 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
             .open(&tmp)
             .ctx("creating temp file", &tmp)?;
         f.write_all(data).ctx("writing temp file", &tmp)?;
-        fail::fail_point!("atomic_write::before_fsync", |_| Err(
-            crate::error::Error::io("failpoint", &tmp, std::io::Error::other("failpoint"))
-        ));
+        crate::failpoint!("atomic_write::before_fsync");
         f.sync_all().ctx("fsyncing temp file", &tmp)?;
     }
-    fail::fail_point!("atomic_write::before_rename", |_| Err(
-        crate::error::Error::io("failpoint", &tmp, std::io::Error::other("failpoint"))
-    ));
+    crate::failpoint!("atomic_write::before_rename");
     fs::rename(&tmp, path).ctx("renaming temp file into place", path)?;
     fsync_dir(dir)
 }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod commit;
 pub mod driver;
 pub mod error;
+pub mod failpoint;
 pub mod fsutil;
 pub mod ls;
 pub mod names;

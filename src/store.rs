@@ -44,6 +44,11 @@ pub struct Session {
     pub pid: Option<i32>,
     /// Owner, group and mode given to the upper root; an upper still empty with these is unchanged.
     pub root_attrs: (u32, u32, u32),
+    /// The layer name this session's upper is being promoted to, written before the rename: a
+    /// commit cut short by a crash is finished (or its dir adopted) by startup recovery, and GC
+    /// never deletes a dir some record names here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committing: Option<String>,
 }
 
 impl Session {
