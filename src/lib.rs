@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod cli;
 pub mod commit;
+pub mod compact;
 pub mod driver;
 pub mod error;
 pub mod failpoint;
