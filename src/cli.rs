@@ -68,6 +68,15 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CACHEDRIVER_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // dockerd logs a managed plugin's stderr at level=error and its stdout at level=info.
+    if std::env::var_os("CACHEDRIVER_MANAGED").is_some_and(|v| v == "1") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stdout)
+            .with_ansi(false)
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -91,6 +100,8 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             backend,
             commit,
         } => {
+            crate::init::reap_as_pid1()?;
+            crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
             let exe = own_exe()?;
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;

@@ -11,7 +11,7 @@
 //! ([`walkthrough`]), parity with Docker's `local` driver ([`parity`], the `local` driver is the
 //! oracle; its determinism is proven first by `parity-oracle-selftest`), session sharing and
 //! concurrent merges ([`sessions`]), plugin and dockerd restarts ([`restart`]), Podman
-//! ([`podman`]).
+//! ([`podman`]), and the Docker managed plugin built by `plugin/build.sh` ([`managed`]).
 //!
 //! Run: `sudo -E cargo test --test e2e_docker` (root needed). Output: one `ok`/`FAILED` line per
 //! scenario, failure details with log tails, and `e2e: N passed, M failed`.
@@ -28,7 +28,7 @@ mod e2e;
 use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
-use e2e::{parity, podman, restart, sessions, util, walkthrough, Harness};
+use e2e::{managed, parity, podman, restart, sessions, util, walkthrough, Harness};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
@@ -85,6 +85,8 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
             Box::new(move |h: &Harness| restart::dockerd_restart(h, b)),
         ));
     }
+    // also restarts dockerd, so it runs with the restarts
+    v.push(("managed-plugin".into(), Box::new(managed::managed)));
     v
 }
 

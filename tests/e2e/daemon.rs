@@ -185,6 +185,22 @@ impl Dockerd {
         c
     }
 
+    /// A factory of [`Dockerd::command`]s that owns what it needs (for long-lived holders).
+    pub fn command_factory(&self) -> impl Fn() -> Command + 'static {
+        let (host, cfg) = (self.host(), self.cli_config.clone());
+        move || {
+            let mut c = Command::new("docker");
+            c.arg("-H")
+                .arg(&host)
+                .env("DOCKER_CONFIG", &cfg)
+                .env_remove("DOCKER_HOST")
+                .env_remove("DOCKER_CONTEXT")
+                .env_remove("DOCKER_TLS_VERIFY")
+                .env("DOCKER_CLI_HINTS", "false");
+            c
+        }
+    }
+
     /// Runs `docker ARGS` with the default timeout; a non-zero exit is not an error here.
     pub fn cli(&self, args: &[&str]) -> Result<CmdOut> {
         util::run(self.command().args(args), CLI_TIMEOUT)

@@ -5,11 +5,12 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`].
 
 pub mod daemon;
 pub mod harness;
 pub mod image;
+pub mod managed;
 pub mod parity;
 pub mod plugin;
 pub mod podman;

@@ -64,6 +64,20 @@ pub struct Plugin {
     pub log: PathBuf,
     child: Option<Child>,
     pidfile: PathBuf,
+    /// Set for a Docker managed plugin: the daemon runs it, we enable and disable it.
+    managed: Option<Managed>,
+}
+
+/// A managed plugin: `docker plugin create`d from plugin/build.sh, run by dockerd itself.
+struct Managed {
+    /// A `docker` command aimed at the harness's dockerd.
+    docker: Box<dyn Fn() -> Command>,
+}
+
+impl Managed {
+    fn docker(&self, args: &[&str]) -> Result<CmdOut> {
+        util::run((self.docker)().args(args), Duration::from_secs(120))
+    }
 }
 
 impl Plugin {
@@ -86,12 +100,105 @@ impl Plugin {
             log: dir.join("plugin.log"),
             child: None,
             pidfile: dir.join("plugin.pid"),
+            managed: None,
         };
         p.spawn()?;
         Ok(p)
     }
 
+    /// Builds the managed plugin `name` with `plugin/build.sh` (from the binary under test) on the
+    /// dockerd that `docker` aims at, enables it, and returns it; its root is the host side of
+    /// its propagated mount. `enable_secs` receives how long `docker plugin enable` took.
+    pub fn managed(
+        dir: &Path,
+        name: &str,
+        backend: Backend,
+        docker: impl Fn() -> Command + 'static,
+        data_root: &Path,
+    ) -> Result<(Plugin, f64)> {
+        fs::create_dir_all(dir)?;
+        let log = dir.join("build.log");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin/build.sh");
+        let probe = docker();
+        let host = probe
+            .get_args()
+            .skip_while(|a| *a != "-H")
+            .nth(1)
+            .map(|a| a.to_string_lossy().into_owned())
+            .context("docker command has no -H")?;
+        let mut cmd = Command::new("bash");
+        for (k, v) in probe.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.arg(&script)
+            .arg(name)
+            .env("CACHEDRIVER_BIN", binary())
+            .env("DOCKER_HOST", &host);
+        let out = util::run(&mut cmd, Duration::from_secs(300))?;
+        fs::write(&log, format!("{}\n{}", out.stdout, out.stderr))?;
+        out.check().context("plugin/build.sh failed")?;
+        let m = Managed {
+            docker: Box::new(docker),
+        };
+        if backend != Backend::Kernel {
+            m.docker(&[
+                "plugin",
+                "set",
+                name,
+                &format!("CACHEDRIVER_BACKEND={}", backend.as_str()),
+            ])?
+            .check()?;
+        }
+        let id = m
+            .docker(&["plugin", "inspect", "--format", "{{.Id}}", name])?
+            .check()?
+            .stdout
+            .trim()
+            .to_string();
+        let mut p = Plugin {
+            name: name.to_string(),
+            root: data_root.join("plugins").join(&id).join("propagated-mount"),
+            sock: PathBuf::new(),
+            backend,
+            commit: None,
+            log,
+            child: None,
+            pidfile: dir.join("unused.pid"),
+            managed: Some(m),
+        };
+        let t = Instant::now();
+        p.spawn()?;
+        Ok((p, t.elapsed().as_secs_f64()))
+    }
+
+    /// `docker plugin set NAME KEY=VALUE` (managed plugins only; the plugin must be disabled).
+    pub fn set(&mut self, kv: &str) -> Result<()> {
+        let m = self
+            .managed
+            .as_ref()
+            .context("only a managed plugin has settings")?;
+        m.docker(&["plugin", "set", &self.name, kv])?.check()?;
+        if let Some(b) = kv.strip_prefix("CACHEDRIVER_BACKEND=") {
+            self.backend = if b == "fuse" {
+                Backend::Fuse
+            } else {
+                Backend::Kernel
+            };
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self) -> Result<()> {
+        if let Some(m) = &self.managed {
+            let out = m.docker(&["plugin", "enable", &self.name])?;
+            if !out.success() {
+                bail!("docker plugin enable {}: {}", self.name, out.describe());
+            }
+            return Ok(());
+        }
         let _ = fs::remove_file(&self.sock);
         let mut logf = OpenOptions::new()
             .create(true)
@@ -181,6 +288,11 @@ impl Plugin {
 
     /// Stops the process (SIGTERM, then SIGKILL after 20 s) and removes its socket.
     pub fn stop(&mut self) {
+        if let Some(m) = &self.managed {
+            // -f: dockerd refuses to disable a volume plugin that still has volumes otherwise
+            let _ = m.docker(&["plugin", "disable", "-f", &self.name]);
+            return;
+        }
         if let Some(mut child) = self.child.take() {
             if let Some(st) = util::terminate_child(&mut child, Duration::from_secs(20)) {
                 if !st.success() {
@@ -203,6 +315,11 @@ impl Plugin {
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
+        if let Some(m) = &self.managed {
+            return m
+                .docker(&["plugin", "inspect", "--format", "{{.Enabled}}", &self.name])
+                .is_ok_and(|o| o.stdout.trim() == "true");
+        }
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
@@ -273,5 +390,8 @@ impl Plugin {
 impl Drop for Plugin {
     fn drop(&mut self) {
         self.stop();
+        if let Some(m) = &self.managed {
+            let _ = m.docker(&["plugin", "rm", "-f", &self.name]);
+        }
     }
 }

@@ -52,7 +52,8 @@ pub fn walkthrough(h: &Harness, backend: Backend) -> Result<()> {
     s.ensure_plugin_alive()
 }
 
-fn walk(s: &Scope, h: &Harness, backend: Backend) -> Result<()> {
+/// The walkthrough itself, on the scope's plugin (legacy or managed) with a fresh cache `foo`.
+pub fn walk(s: &Scope, h: &Harness, backend: Backend) -> Result<()> {
     let p = s.plugin();
     let name = p.name.clone();
     let foo_vol = |id: &str| s.vol(&format!("foo-{id}"));
