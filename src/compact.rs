@@ -164,12 +164,10 @@ pub fn compact_cache(
 
     let switched = (|| -> Result<Option<(String, usize)>> {
         let _lock = store.lock_cache(cache)?;
-        let mut st = store.load_state(cache)?.ok_or_else(|| {
-            Error::Corrupt(format!(
-                "cache {cache:?}: {} disappeared during compaction",
-                crate::store::STATE_FILE
-            ))
-        })?;
+        let Some(mut st) = store.load_state(cache)? else {
+            tracing::info!(cache, "the cache was removed during compaction");
+            return Ok(None);
+        };
         let still_on_range = st
             .layers
             .get(&above)

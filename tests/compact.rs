@@ -676,3 +676,136 @@ fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A full disk, and the time to compact a 100k-file chain.
+
+/// A tmpfs mounted on a temp dir; unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new(opts: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(opts),
+        )
+        .unwrap();
+        Tmpfs { dir }
+    }
+
+    fn remount(&self, opts: &str) {
+        nix::mount::mount(
+            Some("tmpfs"),
+            self.dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(opts),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn enospc_keeps_the_old_chain_and_a_retry_works() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!strict(), "enospc test needs root to mount a tmpfs");
+        eprintln!("\n*** compact: ENOSPC test SKIPPED: needs root ***\n");
+        return;
+    }
+    let fs_ = Tmpfs::new("size=64m,nr_inodes=10000,mode=0700");
+    let store = Store::open(fs_.dir.path()).unwrap();
+    let mut st = CacheState::new(xattr_ns());
+    let zero = store.layer_dir("c", "0");
+    fs::create_dir_all(&zero).unwrap();
+    for i in 0..300 {
+        fs::create_dir(zero.join(format!("d{i}"))).unwrap();
+        fs::write(zero.join(format!("d{i}/f")), "x").unwrap();
+    }
+    fs::create_dir(store.layer_dir("c", "top")).unwrap();
+    st.push_layer("top", "0", "c-top");
+    store.save_state("c", &st).unwrap();
+    let vfs = nix::sys::statvfs::statvfs(fs_.dir.path()).unwrap();
+    let used = vfs.files() - vfs.files_free();
+    // Room for a third of the new layer's directories.
+    fs_.remount(&format!("nr_inodes={}", used + 100));
+    let e = compact_cache(&store, "c", 16, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("No space left"), "{e}");
+    assert_eq!(
+        store.load_state("c").unwrap().unwrap(),
+        st,
+        "state unchanged"
+    );
+    let left: Vec<String> = fs::read_dir(store.cache_dir("c"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!left.iter().any(|n| n.starts_with(".tmp")), "{left:?}");
+    fs_.remount("nr_inodes=10000");
+    let r = compact_cache(&store, "c", 16, true)
+        .unwrap()
+        .expect("retry");
+    assert_eq!(r.entries, 600);
+}
+
+/// One-off measurement: `cargo test --test compact -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_compacting_a_100k_file_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut st = CacheState::new(xattr_ns());
+    let zero = store.layer_dir("c", "0");
+    fs::create_dir_all(&zero).unwrap();
+    let t = Instant::now();
+    for d in 0..100 {
+        fs::create_dir(zero.join(format!("d{d}"))).unwrap();
+        for f in 0..1000 {
+            fs::write(zero.join(format!("d{d}/f{f}")), "").unwrap();
+        }
+    }
+    let mut parent = "0".to_string();
+    for l in 1..16 {
+        let name = format!("l{l}");
+        let d = store.layer_dir("c", &name);
+        for k in 0..100 {
+            let sub = d.join(format!("d{}", (k + l) % 100));
+            fs::create_dir_all(&sub).unwrap();
+            fs::write(sub.join(format!("f{k}")), format!("rewritten {l}")).unwrap();
+            fs::write(sub.join(format!("new{l}-{k}")), "").unwrap();
+        }
+        st.push_layer(&name, &parent, "c-x");
+        parent = name;
+    }
+    store.save_state("c", &st).unwrap();
+    eprintln!("built 16 layers (~101.5k files) in {:?}", t.elapsed());
+    let r = compact_cache(&store, "c", 16, true).unwrap().unwrap();
+    eprintln!(
+        "compacted {} layers: {} entries in {:?} (depth {} -> {})",
+        r.flattened.len(),
+        r.entries,
+        r.elapsed,
+        r.depth_before,
+        r.depth_after
+    );
+    let new = store.layer_dir("c", &r.new_layer);
+    let (mut files, mut dirs) = (0, 0);
+    for d in fs::read_dir(&new).unwrap() {
+        dirs += 1;
+        files += fs::read_dir(d.unwrap().path()).unwrap().count();
+    }
+    eprintln!("new layer: {dirs} dirs, {files} files");
+}

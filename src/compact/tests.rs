@@ -19,6 +19,24 @@ struct Fix {
 
 type Fill = Box<dyn Fn(&Path)>;
 
+/// Failpoints are process-wide: tests that compact hold this so a failpoint configured by one
+/// test never fires in another.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn compact_cache(
+    store: &Store,
+    cache: &str,
+    max_depth: usize,
+    force: bool,
+) -> Result<Option<CompactReport>> {
+    let _g = serial();
+    super::compact_cache(store, cache, max_depth, force)
+}
+
 impl Fix {
     fn new(layers: Vec<(&str, Fill)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -607,6 +625,7 @@ fn failpoints_leave_the_old_chain() {
         ("two", Box::new(top)),
     ]);
     let before = f.state();
+    let _g = serial();
     let scenario = fail::FailScenario::setup();
     for fp in [
         "compact::after_flatten",
@@ -615,7 +634,7 @@ fn failpoints_leave_the_old_chain() {
         "compact::before_state",
     ] {
         fail::cfg(fp, "return").unwrap();
-        let e = compact_cache(&f.store, CACHE, 16, true).unwrap_err();
+        let e = super::compact_cache(&f.store, CACHE, 16, true).unwrap_err();
         assert!(matches!(e, Error::Failpoint(_)), "{fp}: {e}");
         fail::remove(fp);
         assert_eq!(f.state(), before, "{fp}");
@@ -627,5 +646,64 @@ fn failpoints_leave_the_old_chain() {
             "{fp}: {left:?}"
         );
     }
+    scenario.teardown();
+}
+
+/// The state moving while the range is flattened: a commit on top still switches; a changed
+/// parent of the layer above the range drops the new layer.
+#[cfg(feature = "failpoints")]
+#[test]
+fn state_changes_during_flattening() {
+    let mk = || {
+        Fix::new(vec![
+            (
+                "0",
+                Box::new(|d: &Path| fs::write(d.join("a"), "a").unwrap()),
+            ),
+            (
+                "one",
+                Box::new(|d: &Path| fs::write(d.join("b"), "b").unwrap()),
+            ),
+            ("two", Box::new(top)),
+        ])
+    };
+    let _g = serial();
+    let scenario = fail::FailScenario::setup();
+
+    let f = mk();
+    let store = f.store.clone();
+    fs::create_dir(f.layer("three")).unwrap();
+    fail::cfg_callback("compact::after_syncfs", move || {
+        let mut st = store.load_state(CACHE).unwrap().unwrap();
+        st.push_layer("three", "two", "c-three");
+        store.save_state(CACHE, &st).unwrap();
+    })
+    .unwrap();
+    let r = super::compact_cache(&f.store, CACHE, 16, true)
+        .unwrap()
+        .expect("a commit on top does not stop the switch");
+    fail::remove("compact::after_syncfs");
+    let chain = f.state().latest_chain().unwrap();
+    assert_eq!(chain, vec!["three".to_string(), "two".into(), r.new_layer]);
+
+    let f = mk();
+    let store = f.store.clone();
+    fail::cfg_callback("compact::after_syncfs", move || {
+        let mut st = store.load_state(CACHE).unwrap().unwrap();
+        st.layers.get_mut("two").unwrap().parent = Some("0".into());
+        store.save_state(CACHE, &st).unwrap();
+    })
+    .unwrap();
+    assert!(super::compact_cache(&f.store, CACHE, 16, true)
+        .unwrap()
+        .is_none());
+    fail::remove("compact::after_syncfs");
+    let left = names(&f.store.cache_dir(CACHE));
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.starts_with(".tmp") || n.starts_with("c.")),
+        "{left:?}"
+    );
     scenario.teardown();
 }
