@@ -84,6 +84,9 @@ struct Flattener<'a> {
 
 /// Flattens `layers` ((name, dir), topmost first) into the existing empty directory `out`.
 pub fn flatten(layers: &[(String, PathBuf)], out: &Path) -> Result<Stats> {
+    if layers.is_empty() {
+        return Err(Error::Corrupt("compaction: no layers to flatten".into()));
+    }
     let mut f = Flattener {
         layers,
         stack: Vec::new(),
@@ -196,6 +199,13 @@ fn merge(srcs: &[(usize, OwnedFd)]) -> std::result::Result<Listing, (usize, io::
 }
 
 impl Flattener<'_> {
+    /// The directory being built.
+    fn top(&self) -> Result<&Frame> {
+        self.stack
+            .last()
+            .ok_or_else(|| Error::Corrupt("compaction: directory stack empty".into()))
+    }
+
     /// The path of `name` (relative to the layer root) under the current stack.
     fn rel(&self, name: Option<&[u8]>) -> PathBuf {
         use std::os::unix::ffi::OsStrExt;
@@ -267,8 +277,13 @@ impl Flattener<'_> {
         } else {
             Some(&name[..])
         };
-        let attrs = sys::fstat(srcs[0].1.as_raw_fd())
-            .map_err(|e| self.layer_err(srcs[0].0, rel, "inspecting directory", e))?;
+        let Some((li0, fd0)) = srcs.first() else {
+            return Err(Error::Corrupt(
+                "compaction: a directory without sources".into(),
+            ));
+        };
+        let attrs = sys::fstat(fd0.as_raw_fd())
+            .map_err(|e| self.layer_err(*li0, rel, "inspecting directory", e))?;
         let entries = match merge(&srcs) {
             Ok(e) => e,
             Err((pos, e)) => {
@@ -296,7 +311,7 @@ impl Flattener<'_> {
         self.push_frame(Vec::new(), root_out, srcs)?;
         while let Some(top) = self.stack.last_mut() {
             if top.next == top.entries.len() {
-                let f = self.stack.pop().expect("non-empty");
+                let Some(f) = self.stack.pop() else { break };
                 self.finish_dir(&f, out)?;
                 continue;
             }
@@ -310,7 +325,7 @@ impl Flattener<'_> {
                 Entry::Dir(positions, _) => {
                     let c = sys::cname(&name)
                         .map_err(|e| self.out_err(out, Some(&name), "naming", e))?;
-                    let parent = self.stack.last().expect("non-empty");
+                    let parent = self.top()?;
                     sys::mkdir_at(parent.out.as_raw_fd(), &c, 0o700)
                         .map_err(|e| self.out_err(out, Some(&name), "creating directory", e))?;
                     let child_out = sys::open_dir_at(parent.out.as_raw_fd(), &c)
@@ -327,7 +342,9 @@ impl Flattener<'_> {
     /// Gives a finished directory the topmost source's owner, xattrs, mode and times (times
     /// last: making entries changed them).
     fn finish_dir(&self, f: &Frame, out: &Path) -> Result<()> {
-        let (li, src) = &f.srcs[0];
+        let Some((li, src)) = f.srcs.first() else {
+            return Ok(());
+        };
         let name = if self.stack.is_empty() {
             None
         } else {
@@ -355,7 +372,7 @@ impl Flattener<'_> {
 
     /// Links `name` from the source at `pos` of the current directory into the new one.
     fn link(&mut self, pos: usize, name: &[u8], out: &Path) -> Result<()> {
-        let top = self.stack.last().expect("non-empty");
+        let top = self.top()?;
         let (li, src) = &top.srcs[pos];
         let li = *li;
         let c = sys::cname(name).map_err(|e| self.layer_err(li, Some(name), "naming", e))?;
@@ -380,7 +397,7 @@ impl Flattener<'_> {
     }
 
     fn copy(&mut self, pos: usize, name: &[u8], c: &CStr, out: &Path) -> Result<()> {
-        let top = self.stack.last().expect("non-empty");
+        let top = self.top()?;
         let (li, src) = &top.srcs[pos];
         let (li, sfd, ofd) = (*li, src.as_raw_fd(), top.out.as_raw_fd());
         let st =
