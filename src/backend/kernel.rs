@@ -161,6 +161,9 @@ enum NewApiError {
     /// `fsopen` failed (ENOSYS on old kernels, or ENODEV/EPERM), or the kernel does not know
     /// `lowerdir+` (EINVAL, before 6.8): the classic option string may still work.
     Unsupported(std::io::Error),
+    /// `FSCONFIG_CMD_CREATE` refused a configuration that used `lowerdir+` (EINVAL): a legacy
+    /// context before 6.5, or a real error; the kernel's messages say which.
+    CreateRefused(std::io::Error, String),
     /// A real mount error.
     Failed(Error),
 }
@@ -215,9 +218,7 @@ fn mount_new_api(spec: &MountSpec<'_>, userxattr: bool) -> std::result::Result<(
             // Before 6.5 the legacy context took `lowerdir+` without a word and refuses it only
             // here; the classic string may work (a real EINVAL fails there again).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !spec.lowers.is_empty() => {
-                let msgs = ctx.kernel_messages();
-                tracing::info!(error = %e, kernel = %msgs, "overlay creation refused after lowerdir+; trying the classic option string");
-                return Err(NewApiError::Unsupported(e));
+                return Err(NewApiError::CreateRefused(e, ctx.kernel_messages()));
             }
             Err(e) => return Err(ctx.explain("creating the overlay", e).into()),
         }
@@ -464,6 +465,24 @@ impl Backend for Kernel {
         match mount_new_api(spec, userxattr) {
             Ok(()) => Ok(Mounted::default()),
             Err(NewApiError::Failed(e)) => Err(e),
+            Err(NewApiError::CreateRefused(e, msgs)) => {
+                let said = if msgs.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e} (kernel: {msgs})")
+                };
+                if mode == MountMode::New {
+                    return Err(Error::Backend(format!(
+                        "overlay mount: creating the overlay: {said}"
+                    )));
+                }
+                tracing::info!(error = %said, "overlay creation refused after lowerdir+; trying the classic option string");
+                mount_classic(spec, userxattr)
+                    .map(|()| Mounted::default())
+                    .map_err(|c| {
+                        Error::Backend(format!("{c} (the new mount API said: creating the overlay: {said})"))
+                    })
+            }
             Err(NewApiError::Unsupported(e))
                 if mode == MountMode::Auto
                     && matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) =>
