@@ -111,6 +111,10 @@ pub fn compact_cache(
 ) -> Result<Option<CompactReport>> {
     crate::names::validate_cache(cache)?;
     let start = Instant::now();
+    if !store.cache_dir(cache).is_dir() {
+        // Never used (or removed): nothing to compact, and no empty cache dir made by locking.
+        return Ok(None);
+    }
     let _maint = store.lock_maintenance(cache)?;
     remove_leftovers(store, cache)?;
 

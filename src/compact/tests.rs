@@ -491,6 +491,14 @@ fn missing_layer_fails_naming_it_and_changes_nothing() {
 }
 
 #[test]
+fn an_unknown_cache_is_not_created() {
+    let f = Fix::new(vec![("0", Box::new(top))]);
+    assert!(compact_cache(&f.store, "nope", 16, true).unwrap().is_none());
+    assert!(!f.store.cache_dir("nope").exists());
+    assert!(compact_cache(&f.store, "../x", 16, true).is_err());
+}
+
+#[test]
 fn leftovers_of_a_crash_are_removed() {
     let f = Fix::new(vec![("0", Box::new(top)), ("one", Box::new(top))]);
     let stale = f.store.cache_dir(CACHE).join(".tmp-compact-c.1-1");
