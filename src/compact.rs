@@ -159,6 +159,7 @@ pub fn compact_cache(
     let stats = match build(&tmp, &layers, &range) {
         Ok(s) => s,
         Err(e) => {
+            tracing::warn!(cache, error = %e, "compaction failed; the chain stays as it was");
             if let Err(e2) = remove_tree(&tmp) {
                 tracing::warn!(error = %e2, dir = %tmp.display(), "could not remove a partial compacted layer");
             }
