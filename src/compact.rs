@@ -167,45 +167,7 @@ pub fn compact_cache(
         }
     };
 
-    let switched = (|| -> Result<Option<(String, usize)>> {
-        let _lock = store.lock_cache(cache)?;
-        let Some(mut st) = store.load_state(cache)? else {
-            tracing::info!(cache, "the cache was removed during compaction");
-            return Ok(None);
-        };
-        let still_on_range = st
-            .layers
-            .get(&above)
-            .is_some_and(|l| l.parent.as_deref() == Some(range[0].as_str()))
-            && st.chain(&range[0]).ok().as_ref() == Some(&range);
-        if !still_on_range {
-            tracing::info!(cache, above = %above, "the chain changed during compaction; dropping the new layer");
-            return Ok(None);
-        }
-        let name = st.unique_layer_name(&base_name, |n| store.layer_dir(cache, n).exists());
-        let dest = store.layer_dir(cache, &name);
-        fs::rename(&tmp, &dest).ctx("renaming compacted layer into place", &dest)?;
-        fsync_dir(&store.cache_dir(cache))?;
-        let undo = |e: Error| {
-            // Nothing names the new layer yet: put it back under its temp name for cleanup.
-            if let Err(e2) = fs::rename(&dest, &tmp) {
-                tracing::warn!(error = %e2, dir = %dest.display(), "could not move an unused compacted layer aside");
-            }
-            e
-        };
-        (|| -> Result<()> {
-            crate::failpoint!("compact::after_rename");
-            let mut bottom_up = range.clone();
-            bottom_up.reverse();
-            st.record_compacted(&name, &bottom_up, &above);
-            crate::failpoint!("compact::before_state");
-            store.save_state(cache, &st)
-        })()
-        .map_err(undo)?;
-        crate::failpoint!("compact::after_state");
-        let depth_after = st.latest_chain().map(|c| c.len()).unwrap_or(0);
-        Ok(Some((name, depth_after)))
-    })();
+    let switched = switch(store, cache, &tmp, &above, &range, &base_name);
     let outcome = match switched {
         Ok(Some(x)) => x,
         Ok(None) => {
@@ -236,6 +198,67 @@ pub fn compact_cache(
         entries = report.entries, copied = report.copied, depth_before, depth_after,
         ms = report.elapsed.as_millis() as u64, "compacted");
     Ok(Some(report))
+}
+
+/// Under the cache lock: checks that `above` still sits on `range`, renames `tmp` to a fresh
+/// layer name and writes the state with `above` on the new layer. `Ok(None)` when the chain
+/// moved (or the cache went) meanwhile; `tmp` is then still there for the caller to remove.
+fn switch(
+    store: &Store,
+    cache: &str,
+    tmp: &std::path::Path,
+    above: &str,
+    range: &[String],
+    base_name: &str,
+) -> Result<Option<(String, usize)>> {
+    let _lock = store.lock_cache(cache)?;
+    let Some(mut st) = store.load_state(cache)? else {
+        tracing::info!(cache, "the cache was removed during compaction");
+        return Ok(None);
+    };
+    let still_on_range = st
+        .layers
+        .get(above)
+        .is_some_and(|l| l.parent.as_deref() == Some(range[0].as_str()))
+        && st.chain(&range[0]).ok().as_deref() == Some(range);
+    if !still_on_range {
+        tracing::info!(
+            cache,
+            above,
+            "the chain changed during compaction; dropping the new layer"
+        );
+        return Ok(None);
+    }
+    let name = st.unique_layer_name(base_name, |n| store.layer_dir(cache, n).exists());
+    let dest = store.layer_dir(cache, &name);
+    fs::rename(tmp, &dest).ctx("renaming compacted layer into place", &dest)?;
+    fsync_dir(&store.cache_dir(cache))?;
+    if let Err(e) = record(store, cache, &mut st, &name, range, above) {
+        // Nothing names the new layer: put it back under its temp name for the caller to remove.
+        if let Err(e2) = fs::rename(&dest, tmp) {
+            tracing::warn!(error = %e2, dir = %dest.display(), "could not move an unused compacted layer aside");
+        }
+        return Err(e);
+    }
+    crate::failpoint!("compact::after_state");
+    let depth_after = st.latest_chain().map(|c| c.len()).unwrap_or(0);
+    Ok(Some((name, depth_after)))
+}
+
+/// Records the new layer in the state and writes it.
+fn record(
+    store: &Store,
+    cache: &str,
+    st: &mut crate::state::CacheState,
+    name: &str,
+    range: &[String],
+    above: &str,
+) -> Result<()> {
+    crate::failpoint!("compact::after_rename");
+    let bottom_up: Vec<String> = range.iter().rev().cloned().collect();
+    st.record_compacted(name, &bottom_up, above);
+    crate::failpoint!("compact::before_state");
+    store.save_state(cache, st)
 }
 
 /// Flattens `layers` into a fresh `tmp` and makes it durable.
