@@ -183,6 +183,24 @@ impl CacheState {
         self.state.latest = name.to_string();
         self.format = FORMAT;
     }
+
+    /// Records `name`, a bottom layer made by compaction from `from` (bottom-up), and makes it
+    /// the parent of `above` in place of the layers it replaces.
+    pub fn record_compacted(&mut self, name: &str, from: &[String], above: &str) {
+        let mut extra = BTreeMap::new();
+        extra.insert("compacted_from".to_string(), serde_json::json!(from));
+        self.layers.insert(
+            name.to_string(),
+            LayerInfo {
+                parent: None,
+                committed_at: Some(crate::fsutil::now_rfc3339()),
+                session: None,
+                extra,
+            },
+        );
+        self.layers.entry(above.to_string()).or_default().parent = Some(name.to_string());
+        self.format = FORMAT;
+    }
 }
 
 #[cfg(test)]

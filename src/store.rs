@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -91,6 +92,15 @@ pub struct CacheLock {
     _lock: nix::fcntl::Flock<File>,
 }
 
+/// Holds a cache's maintenance `flock` (see [`Store::lock_maintenance`]).
+#[derive(Debug)]
+pub struct MaintenanceLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// The maintenance lock file's name inside `lower/<cache>/` (not a valid layer name).
+pub const MAINTENANCE_FILE: &str = ".maintenance";
+
 impl Store {
     /// Opens (creating if needed) a store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
@@ -165,6 +175,28 @@ impl Store {
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map(|l| CacheLock { _lock: l })
             .map_err(|(_, e)| Error::io("locking cache dir", &dir, e.into()))
+    }
+
+    /// Takes the cache's maintenance lock (blocking): an `flock` on `lower/<cache>/.maintenance`,
+    /// held for a whole compaction or GC so two never overlap. Distinct from [`Store::lock_cache`],
+    /// which Mount and Unmount take: maintenance takes that one only briefly, and always after
+    /// this one (lock order: maintenance, then cache).
+    pub fn lock_maintenance(&self, cache: &str) -> Result<MaintenanceLock> {
+        let dir = self.cache_dir(cache);
+        create_dir_all_durable(&dir)?;
+        let p = dir.join(MAINTENANCE_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&p)
+            .ctx("opening maintenance lock", &p)?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map(|l| MaintenanceLock { _lock: l })
+            .map_err(|(_, e)| Error::io("locking", &p, e.into()))
     }
 
     /// The cache's state, or `None` if it was never used.

@@ -1,9 +1,24 @@
-//! Kernel overlayfs through the new mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`).
+//! Kernel overlayfs through the new mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`),
+//! with the classic mount(2) option string as the fallback.
 //!
 //! `lowerdir+` adds one layer per call, so chains are limited by the kernel's 500 layers rather
-//! than by the one-page option string of mount(2); the classic string is the fallback for
-//! kernels before 6.8. `index=off,redirect_dir=off,metacopy=off` keep the upper dir valid as a
-//! lower layer later; `userxattr` (with `redirect_dir=nofollow`) inside a user namespace.
+//! than by the one-page option string of mount(2). Kernels before 6.8 lack `lowerdir+`: 6.5-6.7
+//! refuse it with EINVAL at `fsconfig`, and before 6.5 the legacy fs context accepts any option
+//! and fails only at `FSCONFIG_CMD_CREATE` (EINVAL); both fall back to the classic string.
+//! The classic string must fit in one page: when absolute layer paths do not, the mount is made
+//! from inside the cache dir with layer paths relative to it, the way containerd does (a forked
+//! child `chdir`s into `lower/<cache>` and calls mount(2)). Compaction keeps chains short enough
+//! for that; a chain that does not fit even so fails with an error that says to compact.
+//!
+//! `fsconfig` also refuses string values over 255 bytes: a chain with a longer layer, upper or
+//! work path takes the classic path too.
+//!
+//! `index=off,redirect_dir=off,metacopy=off` keep the upper dir valid as a lower layer later;
+//! `userxattr` (with `redirect_dir=nofollow`) inside a user namespace.
+//!
+//! `CACHEDRIVER_KERNEL_MOUNT=auto|new|classic` (read at each mount; default `auto`): `new` uses
+//! only the new API, `classic` only mount(2) with the option string (what kernels before 6.8
+//! get; tests force it on newer kernels).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -20,6 +35,8 @@ const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+/// The longest string value `fsconfig` accepts (`strndup_user(value, 256)`).
+const FSCONFIG_MAX_STRING: usize = 255;
 
 /// Kernel overlayfs.
 #[derive(Debug, Default)]
@@ -144,6 +161,9 @@ enum NewApiError {
     /// `fsopen` failed (ENOSYS on old kernels, or ENODEV/EPERM), or the kernel does not know
     /// `lowerdir+` (EINVAL, before 6.8): the classic option string may still work.
     Unsupported(std::io::Error),
+    /// `FSCONFIG_CMD_CREATE` refused a configuration that used `lowerdir+` (EINVAL): a legacy
+    /// context before 6.5, or a real error; the kernel's messages say which.
+    CreateRefused(std::io::Error, String),
     /// A real mount error.
     Failed(Error),
 }
@@ -155,6 +175,20 @@ impl From<Error> for NewApiError {
 }
 
 fn mount_new_api(spec: &MountSpec<'_>, userxattr: bool) -> std::result::Result<(), NewApiError> {
+    // fsconfig copies a string value of at most 256 bytes (NUL included) and answers EINVAL
+    // beyond: such paths need the classic string, which takes relative layer paths.
+    let too_long = spec
+        .lowers
+        .iter()
+        .map(|l| l.as_os_str())
+        .chain([spec.upper.as_os_str(), spec.work.as_os_str()])
+        .any(|p| p.len() > FSCONFIG_MAX_STRING);
+    if too_long {
+        tracing::info!("a layer, upper or work path is longer than fsconfig takes");
+        return Err(NewApiError::Unsupported(std::io::Error::from_raw_os_error(
+            libc::EINVAL,
+        )));
+    }
     let ctx = FsContext::open().map_err(NewApiError::Unsupported)?;
     {
         ctx.set("source", b"cachedriver")?;
@@ -179,7 +213,15 @@ fn mount_new_api(spec: &MountSpec<'_>, userxattr: bool) -> std::result::Result<(
         if userxattr {
             ctx.call(FSCONFIG_SET_FLAG, Some("userxattr"), None, "userxattr")?;
         }
-        ctx.call(FSCONFIG_CMD_CREATE, None, None, "creating the overlay")?;
+        match ctx.raw(FSCONFIG_CMD_CREATE, None, None)? {
+            Ok(()) => {}
+            // Before 6.5 the legacy context took `lowerdir+` without a word and refuses it only
+            // here; the classic string may work (a real EINVAL fails there again).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !spec.lowers.is_empty() => {
+                return Err(NewApiError::CreateRefused(e, ctx.kernel_messages()));
+            }
+            Err(e) => return Err(ctx.explain("creating the overlay", e).into()),
+        }
         // SAFETY: plain syscall on an fd we own.
         let mfd =
             unsafe { libc::syscall(libc::SYS_fsmount, ctx.fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) };
@@ -214,24 +256,57 @@ fn mount_new_api(spec: &MountSpec<'_>, userxattr: bool) -> std::result::Result<(
     }
 }
 
-/// mount(2) with the classic option string: one page at most, so about 60 layers.
-fn mount_classic(spec: &MountSpec<'_>, userxattr: bool) -> Result<()> {
-    let mut lower = Vec::new();
-    for (i, l) in spec.lowers.iter().enumerate() {
-        let b = l.as_os_str().as_bytes();
-        if b.iter().any(|c| matches!(c, b':' | b',' | b'\\')) {
+/// How the kernel backend mounts (`CACHEDRIVER_KERNEL_MOUNT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MountMode {
+    /// The new API, falling back to the classic string where the kernel lacks `lowerdir+`.
+    Auto,
+    /// The new API only.
+    New,
+    /// The classic option string only.
+    Classic,
+}
+
+/// The environment variable that picks the [`MountMode`].
+pub const MOUNT_MODE_ENV: &str = "CACHEDRIVER_KERNEL_MOUNT";
+
+fn mount_mode() -> Result<MountMode> {
+    match std::env::var(MOUNT_MODE_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(MountMode::Auto),
+        Ok("new") => Ok(MountMode::New),
+        Ok("classic") => Ok(MountMode::Classic),
+        Ok(other) => Err(Error::Backend(format!(
+            "{MOUNT_MODE_ENV}={other:?} is not a kernel mount mode: use auto, new or classic"
+        ))),
+    }
+}
+
+/// The most option bytes mount(2) copies: one page, its NUL terminator included.
+fn page_limit() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize - 1
+    } else {
+        4095
+    }
+}
+
+/// The classic option string with the given lower paths.
+fn classic_options(lowers: &[&[u8]], spec: &MountSpec<'_>, userxattr: bool) -> Result<Vec<u8>> {
+    let mut opts = b"lowerdir=".to_vec();
+    for (i, l) in lowers.iter().enumerate() {
+        if l.iter().any(|c| matches!(c, b':' | b',' | b'\\')) {
             return Err(Error::Backend(format!(
                 "overlay mount: layer path {} contains ':', ',' or '\\', which the classic mount options cannot express",
-                l.display()
+                String::from_utf8_lossy(l)
             )));
         }
         if i > 0 {
-            lower.push(b':');
+            opts.push(b':');
         }
-        lower.extend_from_slice(b);
+        opts.extend_from_slice(l);
     }
-    let mut opts = b"lowerdir=".to_vec();
-    opts.extend_from_slice(&lower);
     opts.extend_from_slice(b",upperdir=");
     opts.extend_from_slice(spec.upper.as_os_str().as_bytes());
     opts.extend_from_slice(b",workdir=");
@@ -241,21 +316,139 @@ fn mount_classic(spec: &MountSpec<'_>, userxattr: bool) -> Result<()> {
     if userxattr {
         opts.extend_from_slice(b",userxattr");
     }
-    if opts.len() >= 4096 {
+    Ok(opts)
+}
+
+/// mount(2) with the classic option string: absolute layer paths when they fit in one page,
+/// else paths relative to the cache dir that holds every layer (mounted from inside it).
+fn mount_classic(spec: &MountSpec<'_>, userxattr: bool) -> Result<()> {
+    let limit = page_limit();
+    let abs: Vec<&[u8]> = spec
+        .lowers
+        .iter()
+        .map(|l| l.as_os_str().as_bytes())
+        .collect();
+    let opts = classic_options(&abs, spec, userxattr)?;
+    if opts.len() <= limit {
+        let data = cstr(&opts)?;
+        return nix::mount::mount(
+            Some("cachedriver"),
+            spec.target,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_c_str()),
+        )
+        .map_err(|e| Error::Backend(format!("overlay mount at {}: {e}", spec.target.display())));
+    }
+    // Every layer of a chain lives in its cache dir: name them relative to it.
+    let base = spec.lowers.first().and_then(|l| l.parent());
+    let rel: Option<Vec<&[u8]>> = base.and_then(|b| {
+        spec.lowers
+            .iter()
+            .map(|l| {
+                (l.parent() == Some(b))
+                    .then(|| l.file_name().map(|n| n.as_bytes()))
+                    .flatten()
+            })
+            .collect()
+    });
+    let (Some(base), Some(rel)) = (base, rel) else {
         return Err(Error::Backend(format!(
-            "overlay mount: {} layers do not fit in one page of mount options and this kernel lacks lowerdir+ (needs Linux 6.8); compact the cache",
-            spec.lowers.len()
+            "overlay mount: {} layers do not fit in one page of mount options ({} bytes) and are not all in one directory; \
+             this kernel's mount needs the classic option string (lowerdir+ needs Linux 6.8)",
+            spec.lowers.len(),
+            opts.len()
+        )));
+    };
+    let rel_opts = classic_options(&rel, spec, userxattr)?;
+    if rel_opts.len() > limit {
+        let cache = base
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Err(Error::Backend(format!(
+            "overlay mount: the {} layers of cache {cache:?} do not fit in one page of mount options even relative to {} \
+             ({} bytes, at most {limit}), and this mount uses the classic option string (the kernel lacks lowerdir+, \
+             needs Linux 6.8, or {MOUNT_MODE_ENV}=classic); compact the cache: `cachedriver compact {cache}`",
+            spec.lowers.len(),
+            base.display(),
+            rel_opts.len()
         )));
     }
-    let data = cstr(&opts)?;
-    nix::mount::mount(
-        Some("cachedriver"),
-        spec.target,
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(data.as_c_str()),
-    )
-    .map_err(|e| Error::Backend(format!("overlay mount at {}: {e}", spec.target.display())))
+    if !spec.target.is_absolute() {
+        return Err(Error::Backend(format!(
+            "overlay mount: target {} must be an absolute path",
+            spec.target.display()
+        )));
+    }
+    tracing::debug!(base = %base.display(), layers = spec.lowers.len(), "classic overlay mount with relative layer paths");
+    mount_from_dir(base, spec.target, &cstr(&rel_opts)?).map_err(|e| {
+        Error::Backend(format!(
+            "overlay mount at {} (layers relative to {}): {e}",
+            spec.target.display(),
+            base.display()
+        ))
+    })
+}
+
+/// Mounts overlay at `target` with `data` from a child process whose working directory is
+/// `dir`, so relative paths in `data` resolve there (our own cwd never changes: other threads
+/// use it). Everything the child touches is prepared before the fork; the child makes only
+/// async-signal-safe syscalls and reports the errno as its exit status.
+fn mount_from_dir(dir: &Path, target: &Path, data: &std::ffi::CStr) -> std::io::Result<()> {
+    let to_c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let dir_c = to_c(dir)?;
+    let target_c = to_c(target)?;
+    let source = c"cachedriver";
+    let fstype = c"overlay";
+    // SAFETY: the child runs only chdir, mount and _exit (async-signal-safe) on memory set up
+    // before the fork, then exits without returning into Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above; errno is read through its thread-local location.
+        unsafe {
+            if libc::chdir(dir_c.as_ptr()) != 0 {
+                libc::_exit(*libc::__errno_location());
+            }
+            if libc::mount(
+                source.as_ptr(),
+                target_c.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            ) != 0
+            {
+                libc::_exit(*libc::__errno_location());
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    if libc::WIFEXITED(status) {
+        match libc::WEXITSTATUS(status) {
+            0 => Ok(()),
+            code => Err(std::io::Error::from_raw_os_error(code)),
+        }
+    } else {
+        Err(std::io::Error::other("the mount helper process was killed"))
+    }
 }
 
 impl Backend for Kernel {
@@ -265,14 +458,46 @@ impl Backend for Kernel {
 
     fn mount(&self, spec: &MountSpec<'_>) -> Result<Mounted> {
         let userxattr = spec.xattr == XattrNs::User;
+        let mode = mount_mode()?;
+        if mode == MountMode::Classic {
+            return mount_classic(spec, userxattr).map(|()| Mounted::default());
+        }
         match mount_new_api(spec, userxattr) {
             Ok(()) => Ok(Mounted::default()),
             Err(NewApiError::Failed(e)) => Err(e),
+            Err(NewApiError::CreateRefused(e, msgs)) => {
+                let said = if msgs.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e} (kernel: {msgs})")
+                };
+                if mode == MountMode::New {
+                    return Err(Error::Backend(format!(
+                        "overlay mount: creating the overlay: {said}"
+                    )));
+                }
+                tracing::info!(error = %said, "overlay creation refused after lowerdir+; trying the classic option string");
+                mount_classic(spec, userxattr)
+                    .map(|()| Mounted::default())
+                    .map_err(|c| {
+                        Error::Backend(format!("{c} (the new mount API said: creating the overlay: {said})"))
+                    })
+            }
+            Err(NewApiError::Unsupported(e))
+                if mode == MountMode::Auto
+                    && matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) =>
+            {
+                tracing::info!(error = %e, "no fsopen/lowerdir+ here; using the classic option string");
+                mount_classic(spec, userxattr)
+                    .map(|()| Mounted::default())
+                    .map_err(|c| Error::Backend(format!("{c} (the new mount API said: {e})")))
+            }
             Err(NewApiError::Unsupported(e))
                 if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) =>
             {
-                tracing::info!(error = %e, "no fsopen/lowerdir+ here; using the classic option string");
-                mount_classic(spec, userxattr).map(|()| Mounted::default())
+                Err(Error::Backend(format!(
+                    "overlay mount: {e}: this kernel lacks the new mount API or lowerdir+ (Linux 6.8) and {MOUNT_MODE_ENV}=new forbids the classic option string"
+                )))
             }
             Err(NewApiError::Unsupported(e)) => Err(Error::Backend(format!(
                 "overlay mount: fsopen(\"overlay\"): {e}{}",
