@@ -146,6 +146,14 @@ impl Plugin {
         let m = Managed {
             docker: Box::new(docker),
         };
+        // the engine socket the plugin follows for commit-on=success: this daemon's
+        m.docker(&[
+            "plugin",
+            "set",
+            name,
+            &format!("engine.source={}", host.trim_start_matches("unix://")),
+        ])?
+        .check()?;
         if backend != Backend::Kernel {
             m.docker(&[
                 "plugin",
