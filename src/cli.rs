@@ -46,6 +46,32 @@ enum Command {
             default_value = "replace"
         )]
         commit: CommitMode,
+        /// Commit policy for volumes that set no `-o commit-on=`: `success` commits a session
+        /// only if every container that used it exited 0 (needs the engine's event stream).
+        #[arg(
+            long,
+            env = "CACHEDRIVER_COMMIT_ON",
+            value_enum,
+            default_value = "always"
+        )]
+        commit_on: crate::policy::CommitOn,
+        /// With commit-on=success: what to do when how the containers ended is not known
+        /// within 2 s of the Unmount.
+        #[arg(
+            long,
+            env = "CACHEDRIVER_COMMIT_ON_UNKNOWN",
+            value_enum,
+            default_value = "discard"
+        )]
+        commit_on_unknown: crate::policy::OnUnknown,
+        /// The engine's API socket, whose event stream tells which containers used a session
+        /// and how they exited (Docker's, or Podman's Docker-compatible socket).
+        #[arg(
+            long,
+            env = "CACHEDRIVER_ENGINE_SOCKET",
+            default_value = "/var/run/docker.sock"
+        )]
+        engine_socket: PathBuf,
     },
     /// Try each backend here and say which one `auto` picks.
     Probe {
@@ -99,6 +125,9 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             socket,
             backend,
             commit,
+            commit_on,
+            commit_on_unknown,
+            engine_socket,
         } => {
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
@@ -107,19 +136,27 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
             let kind =
                 crate::probe::resolve(backend, store.root(), &exe).map_err(|e| anyhow!(e))?;
-            let driver = Arc::new(Driver::new(
+            let mut driver = Driver::new(
                 store,
                 Config {
                     backend: kind,
                     commit,
                     exe,
                 },
-            )?);
+            )?;
+            let engine = crate::engine::Engine::new(engine_socket);
+            driver.set_policy(crate::policy::Policy {
+                commit_on,
+                on_unknown: commit_on_unknown,
+                engine: Some(engine.clone()),
+            });
+            let driver = Arc::new(driver);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async move {
+                tokio::spawn(engine.follow());
                 let listener = crate::server::bind(&socket)?;
                 tracing::info!(socket = %socket.display(), root = %root.display(), backend = kind.as_str(),
                     commit = commit.as_str(), "serving");

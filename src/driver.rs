@@ -55,6 +55,7 @@ pub struct Driver {
     config: Config,
     backend: Box<dyn Backend>,
     xattr: XattrNs,
+    policy: crate::policy::Policy,
 }
 
 impl Driver {
@@ -66,6 +67,7 @@ impl Driver {
             backend,
             xattr: XattrNs::for_this_process(),
             config,
+            policy: crate::policy::Policy::default(),
         };
         for v in d.store.list_volumes()? {
             if let Some(s) = &v.session {
@@ -88,6 +90,16 @@ impl Driver {
         &self.config
     }
 
+    /// Sets the commit policy (`--commit-on`, `--commit-on-unknown`, the engine's events).
+    pub fn set_policy(&mut self, policy: crate::policy::Policy) {
+        self.policy = policy;
+    }
+
+    /// The commit policy.
+    pub fn policy(&self) -> &crate::policy::Policy {
+        &self.policy
+    }
+
     fn backend_for(&self, kind: BackendKind) -> Box<dyn Backend> {
         backend::for_kind(kind, &self.config.exe)
     }
@@ -102,6 +114,8 @@ impl Driver {
     pub fn create(&self, name: &str, opts: &BTreeMap<String, String>) -> Result<()> {
         let o = VolumeOptions::parse(opts)?;
         let vn = parse_volume(name, o.cache.as_deref())?;
+        self.policy
+            .check_create(o.commit_on.unwrap_or(self.policy.commit_on))?;
         let _lock = self.store.lock_cache(&vn.cache)?;
         if let Some(existing) = self.store.load_volume(name)? {
             // Docker may create again what it already knows; only conflicting options are an error.
@@ -304,7 +318,12 @@ impl Driver {
         let t0 = std::time::Instant::now();
         self.backend_for(session.backend)
             .unmount(&merged, session.pid)?;
-        let mode = rec.commit.unwrap_or(self.config.commit);
+        let mode = self.policy.decide(
+            name,
+            &rec.options,
+            &session.started_at,
+            rec.commit.unwrap_or(self.config.commit),
+        );
         let t1 = std::time::Instant::now();
         let outcome = commit::commit(&self.store, &rec, &session, mode)?;
         let t2 = std::time::Instant::now();

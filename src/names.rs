@@ -18,7 +18,7 @@ const NAME_HELP: &str =
 bytes, no \"..\"; or pass -o cache=NAME to pick the cache yourself";
 
 /// Option keys accepted by `docker volume create -o`.
-pub const KNOWN_OPTIONS: &[&str] = &["cache", "commit"];
+pub const KNOWN_OPTIONS: &[&str] = &["cache", "commit", "commit-on"];
 
 /// How a session's changes reach the cache when its last mount ends.
 #[derive(
@@ -117,6 +117,8 @@ pub struct VolumeOptions {
     pub cache: Option<String>,
     /// `commit=MODE`: overrides the server-wide default.
     pub commit: Option<CommitMode>,
+    /// `commit-on=always|success`: overrides the server-wide default.
+    pub commit_on: Option<crate::policy::CommitOn>,
 }
 
 impl VolumeOptions {
@@ -130,6 +132,7 @@ impl VolumeOptions {
                     out.cache = Some(v.clone());
                 }
                 "commit" => out.commit = Some(CommitMode::parse(v)?),
+                "commit-on" => out.commit_on = Some(crate::policy::CommitOn::parse(v)?),
                 _ => {
                     return Err(Error::InvalidOption(format!(
                         "unknown option {k:?}: cachedriver knows {} (e.g. -o commit=merge)",

@@ -28,7 +28,7 @@ mod e2e;
 use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
-use e2e::{managed, parity, podman, restart, sessions, util, walkthrough, Harness};
+use e2e::{managed, parity, podman, policy, restart, sessions, util, walkthrough, Harness};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
@@ -80,6 +80,10 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
         ));
     }
     for b in [Backend::Kernel, Backend::Fuse] {
+        v.push((
+            format!("commit-on-success-{}", b.as_str()),
+            Box::new(move |h: &Harness| policy::commit_on_success(h, b)),
+        ));
         v.push((
             format!("dockerd-restart-{}", b.as_str()),
             Box::new(move |h: &Harness| restart::dockerd_restart(h, b)),

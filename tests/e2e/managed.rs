@@ -72,6 +72,25 @@ pub fn managed(h: &Harness) -> Result<()> {
         },
     )?;
     check_keep(&s, h, "after a dockerd restart")?;
+    // the engine socket is mounted into the plugin: commit-on=success is accepted, and a failed
+    // container's session is discarded
+    h.docker_ok(&[
+        "volume",
+        "create",
+        "--driver",
+        &name,
+        "-o",
+        "commit-on=success",
+        "keep-c",
+    ])?;
+    let out = s.sh(
+        Some((&s.vol("keep-c"), "/cache", false)),
+        &[],
+        "echo no > /cache/k.txt; exit 3",
+    )?;
+    ensure!(!out.success(), "the failing container did not fail");
+    s.plugin().wait_session_ended("keep", "c")?;
+    check_keep(&s, h, "after a failed commit-on=success session")?;
     check_no_zombies()?;
     s.ensure_plugin_alive()
 }

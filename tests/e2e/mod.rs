@@ -5,7 +5,7 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`], [`policy`].
 
 pub mod daemon;
 pub mod harness;
@@ -14,6 +14,7 @@ pub mod managed;
 pub mod parity;
 pub mod plugin;
 pub mod podman;
+pub mod policy;
 pub mod restart;
 pub mod sessions;
 pub mod util;

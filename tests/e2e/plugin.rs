@@ -66,6 +66,8 @@ pub struct Plugin {
     pidfile: PathBuf,
     /// Set for a Docker managed plugin: the daemon runs it, we enable and disable it.
     managed: Option<Managed>,
+    /// Further `serve` arguments (e.g. `--engine-socket`).
+    pub extra_args: Vec<String>,
 }
 
 /// A managed plugin: `docker plugin create`d from plugin/build.sh, run by dockerd itself.
@@ -101,6 +103,7 @@ impl Plugin {
             child: None,
             pidfile: dir.join("plugin.pid"),
             managed: None,
+            extra_args: Vec::new(),
         };
         p.spawn()?;
         Ok(p)
@@ -143,6 +146,14 @@ impl Plugin {
         let m = Managed {
             docker: Box::new(docker),
         };
+        // the engine socket the plugin follows for commit-on=success: this daemon's
+        m.docker(&[
+            "plugin",
+            "set",
+            name,
+            &format!("engine.source={}", host.trim_start_matches("unix://")),
+        ])?
+        .check()?;
         if backend != Backend::Kernel {
             m.docker(&[
                 "plugin",
@@ -168,6 +179,7 @@ impl Plugin {
             child: None,
             pidfile: dir.join("unused.pid"),
             managed: Some(m),
+            extra_args: Vec::new(),
         };
         let t = Instant::now();
         p.spawn()?;
@@ -211,12 +223,15 @@ impl Plugin {
             .arg("--socket")
             .arg(&self.sock)
             .arg("--backend")
-            .arg(self.backend.as_str());
+            .arg(self.backend.as_str())
+            .args(&self.extra_args);
         for var in [
             "CACHEDRIVER_ROOT",
             "CACHEDRIVER_SOCKET",
             "CACHEDRIVER_BACKEND",
             "CACHEDRIVER_COMMIT",
+            "CACHEDRIVER_COMMIT_ON",
+            "CACHEDRIVER_ENGINE_SOCKET",
         ] {
             cmd.env_remove(var);
         }
@@ -305,6 +320,12 @@ impl Plugin {
         }
         let _ = fs::remove_file(&self.sock);
         let _ = fs::remove_file(&self.pidfile);
+    }
+
+    /// Restarts the instance with `args` added to `serve`'s command line.
+    pub fn restart_with(&mut self, args: &[&str]) -> Result<()> {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
+        self.restart()
     }
 
     /// Stops and starts the same instance (same name, root, socket and options).
