@@ -55,6 +55,7 @@ pub struct Driver {
     config: Config,
     backend: Box<dyn Backend>,
     xattr: XattrNs,
+    maintenance: std::sync::OnceLock<crate::maintenance::Notifier>,
 }
 
 impl Driver {
@@ -66,6 +67,7 @@ impl Driver {
             backend,
             xattr: XattrNs::for_this_process(),
             config,
+            maintenance: std::sync::OnceLock::new(),
         };
         for v in d.store.list_volumes()? {
             if let Some(s) = &v.session {
@@ -81,6 +83,11 @@ impl Driver {
     /// The store this driver works on.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Connects the background maintenance worker, told of every commit.
+    pub fn set_maintenance(&self, n: crate::maintenance::Notifier) {
+        let _ = self.maintenance.set(n);
     }
 
     /// The server-wide settings.
@@ -218,6 +225,7 @@ impl Driver {
     pub fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         Self::check_mount_id(id)?;
         let (_lock, mut rec) = self.lock_volume(name)?;
+        crate::budget::mark_used(&self.store, &rec.cache);
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
         if let Some(s) = rec.session.clone() {
             if !self.backend_for(s.backend).is_mounted(&merged) {
@@ -307,6 +315,7 @@ impl Driver {
         let mode = rec.commit.unwrap_or(self.config.commit);
         let t1 = std::time::Instant::now();
         let outcome = commit::commit(&self.store, &rec, &session, mode)?;
+        crate::maintenance::after_commit(&self.store, &rec.cache, &outcome, self.maintenance.get());
         let t2 = std::time::Instant::now();
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;
