@@ -530,7 +530,7 @@ mod tests {
         let only = fs::metadata(a.join("only")).unwrap().blocks() * 512;
         let shared = fs::metadata(a.join("shared")).unwrap().blocks() * 512;
         let dir = fs::metadata(&a).unwrap().blocks() * 512;
-        assert_eq!(freed_bytes(&[a.clone()]), only + dir);
+        assert_eq!(freed_bytes(std::slice::from_ref(&a)), only + dir);
         let dirb = fs::metadata(&b).unwrap().blocks() * 512;
         assert_eq!(freed_bytes(&[a, b]), only + shared + dir + dirb);
     }
