@@ -6,7 +6,8 @@
 //! meanwhile):
 //! 1. reachable = the chains of every root the state names ∪ every layer a live session of the
 //!    cache mounts (`lowers`, `base`) ∪ every layer name a session's `committing` names (a
-//!    promotion cut short by a crash, which recovery adopts);
+//!    promotion cut short by a crash, which recovery adopts); a dir named after a live session's
+//!    id (`id` or `id.N`, its commit target) is never deleted either;
 //! 2. `layers` in the state is pruned to reachable entries (atomic write);
 //! 3. every dir in `lower/<cache>/` with a valid layer name that is not reachable, and every
 //!    `.tmp-*` left by a crashed compaction, is renamed to `.gc-*` (then the dir is fsynced);
@@ -82,11 +83,22 @@ pub fn gc_cache(store: &Store, cache: &str, dry_run: bool) -> Result<GcReport> {
     let doomed: Vec<PathBuf> = {
         let _c = store.lock_cache(cache)?;
         let state = store.load_state(cache)?;
-        let sessions: Vec<Session> = volumes_strict(store)?
+        let live: Vec<_> = volumes_strict(store)?
             .into_iter()
-            .filter(|v| v.cache == cache)
-            .filter_map(|v| v.session)
+            .filter(|v| v.cache == cache && v.session.is_some())
             .collect();
+        let sessions: Vec<Session> = live.iter().filter_map(|v| v.session.clone()).collect();
+        // A live session's commit target is named after its id (`id`, `id.N`): a promotion cut
+        // short before `committing` was recorded must not lose its layer either.
+        let commit_target = |name: &str| {
+            live.iter().any(|v| {
+                name == v.id
+                    || name.strip_prefix(v.id.as_str()).is_some_and(|rest| {
+                        rest.strip_prefix('.')
+                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+            })
+        };
         let mut reach = BTreeSet::new();
         if let Some(state) = &state {
             reach = reachable(state, &[]);
@@ -115,7 +127,7 @@ pub fn gc_cache(store: &Store, cache: &str, dry_run: bool) -> Result<GcReport> {
             };
             let is_dir = e.file_type().ctx("inspecting", &e.path())?.is_dir();
             if is_dir && is_valid_layer(&name) {
-                if state.is_some() && !reach.contains(&name) {
+                if state.is_some() && !reach.contains(&name) && !commit_target(&name) {
                     report.deleted.push(name.clone());
                     victims.push(name);
                 }

@@ -406,7 +406,9 @@ fn gc_dry_run_leftovers_and_promotions_in_progress() {
         .ensure_cache("h", cachedriver::state::XattrNs::Trusted)
         .unwrap();
     let lower = store.cache_dir("h");
-    for l in ["one", "two", "lost", "promo", "held"] {
+    // "live.1": what the live session's commit renamed its upper to before a crash, with no
+    // `committing` recorded (kept: named after the session).
+    for l in ["one", "two", "lost", "promo", "held", "live.1"] {
         fs::create_dir(lower.join(l)).unwrap();
         fs::write(lower.join(l).join("f"), vec![3u8; 32 << 10]).unwrap();
     }
@@ -464,7 +466,7 @@ fn gc_dry_run_leftovers_and_promotions_in_progress() {
     );
     assert_eq!(r.pruned, vec!["ghost", "lost"]);
     assert!(r.bytes_freed >= (32 + 16 + 16) << 10, "{r:?}");
-    for kept in ["0", "one", "two", "held", "promo", "not a layer"] {
+    for kept in ["0", "one", "two", "held", "promo", "live.1", "not a layer"] {
         assert!(lower.join(kept).is_dir(), "{kept} kept");
     }
     for gone in [
@@ -734,4 +736,50 @@ fn a_lock_waiter_follows_a_dropped_cache() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(fs::metadata(store.cache_dir("z")).unwrap().ino(), ino);
     waiter.join().unwrap();
+}
+
+/// `serve` with the budget flags starts its maintenance worker and stops it on SIGTERM.
+#[test]
+fn serve_runs_the_worker_with_budget_flags() {
+    if backends().is_empty() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(exe())
+        .arg("serve")
+        .arg("--root")
+        .arg(dir.path())
+        .arg("--socket")
+        .arg(&sock)
+        .args([
+            "--max-size",
+            "1.5G",
+            "--max-idle",
+            "7d",
+            "--compact-depth",
+            "8",
+        ])
+        .env("CACHEDRIVER_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let up = sock.exists();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(up, "serve did not start: {log}");
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("maintenance worker started"), "{log}");
+    assert!(log.contains("compact_depth=8"), "{log}");
+    assert!(log.contains("max_size=Some(1610612736)"), "{log}");
+    assert!(log.contains("maintenance worker stopped"), "{log}");
 }
