@@ -115,14 +115,29 @@ impl Scenario {
         format!("{CACHE}-s{n}")
     }
 
-    /// One session through the kernel driver that rewrites `data.bin` (256 KiB).
-    fn commit(&self, i: usize) {
+    /// One session through the kernel driver that rewrites `data.bin` (256 KiB). Fails where
+    /// Mount does (a chain over the kernel's 500 layers).
+    fn commit(&self, i: usize) -> Result<(), String> {
         let name = self.name();
-        self.kernel.create(&name, &BTreeMap::new()).expect("create");
-        let m = self.kernel.mount(&name, "x").expect("mount");
+        let k = &self.kernel;
+        k.create(&name, &BTreeMap::new())
+            .map_err(|e| e.to_string())?;
+        let m = k.mount(&name, "x").map_err(|e| e.to_string())?;
         fs::write(m.join("data.bin"), vec![(i % 251) as u8; 256 << 10]).expect("write");
-        self.kernel.unmount(&name, "x").expect("unmount");
-        self.kernel.remove(&name).expect("remove");
+        k.unmount(&name, "x").map_err(|e| e.to_string())?;
+        k.remove(&name).map_err(|e| e.to_string())
+    }
+
+    /// `n` commits, each followed by `after`; stops at the first failure and says so.
+    fn commits(&self, n: usize, mut after: impl FnMut()) -> (usize, Option<String>) {
+        for i in 0..n {
+            if let Err(e) = self.commit(i) {
+                eprintln!("commit {i} failed: {e}");
+                return (i, Some(e));
+            }
+            after();
+        }
+        (n, None)
     }
 
     fn depth(&self) -> usize {
@@ -242,17 +257,14 @@ fn main() {
 
     let t = Instant::now();
     let s = Scenario::new(&parent, files, &exe);
-    for i in 0..15 {
-        s.commit(i);
-    }
+    s.commits(15, || {});
     rows.push(measure("depth 16".into(), &s, reps, t.elapsed()));
     drop(s);
 
     let t = Instant::now();
     let s = Scenario::new(&parent, files, &exe);
     let mut memo = UsageMemo::default();
-    for i in 0..commits {
-        s.commit(i);
+    let (done, err) = s.commits(commits, || {
         let r = run_once(
             s.kernel.store(),
             &settings,
@@ -260,13 +272,18 @@ fn main() {
             &mut memo,
         );
         if !r.errors.is_empty() {
-            eprintln!("maintenance errors after commit {i}: {:?}", r.errors);
+            eprintln!("maintenance errors: {:?}", r.errors);
         }
-    }
+    });
+    let stopped = |done: usize, err: Option<String>| {
+        err.map(|e| format!(" (stopped at {done}: {e})"))
+            .unwrap_or_default()
+    };
     rows.push(measure(
         format!(
-            "{commits} commits, compaction on (bound {})",
-            settings.compact_depth
+            "{done} commits, compaction on (bound {}){}",
+            settings.compact_depth,
+            stopped(done, err)
         ),
         &s,
         reps,
@@ -276,11 +293,9 @@ fn main() {
 
     let t = Instant::now();
     let s = Scenario::new(&parent, files, &exe);
-    for i in 0..commits {
-        s.commit(i);
-    }
+    let (done, err) = s.commits(commits, || {});
     rows.push(measure(
-        format!("{commits} commits, compaction off"),
+        format!("{done} commits, compaction off{}", stopped(done, err)),
         &s,
         reps,
         t.elapsed(),
@@ -342,7 +357,7 @@ fn main() {
     let on = &rows[2];
     let off = &rows[3];
     println!(
-        "\ndisk after {commits} commits: compaction on {:.1} MiB, off {:.1} MiB ({:.2}x); targets: Mount/walk ratio <= 1.5, disk/live <= 2",
+        "\ndisk after the commit runs: compaction on {:.1} MiB, off {:.1} MiB ({:.2}x); targets: Mount/walk ratio <= 1.5, disk/live <= 2",
         mib(on.disk),
         mib(off.disk),
         off.disk as f64 / on.disk.max(1) as f64

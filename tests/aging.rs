@@ -746,7 +746,7 @@ fn serve_runs_the_worker_with_budget_flags() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
-    let mut child = Command::new(exe())
+    let child = Command::new(exe())
         .arg("serve")
         .arg("--root")
         .arg(dir.path())
