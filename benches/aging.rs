@@ -249,6 +249,7 @@ fn main() {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"));
     let settings = Settings::default();
     let mut rows = Vec::new();
+    let mut notes: Vec<(usize, String)> = Vec::new();
 
     let t = Instant::now();
     let s = Scenario::new(&parent, files, &exe);
@@ -276,30 +277,31 @@ fn main() {
         }
     });
     let stopped = |done: usize, err: Option<String>| {
-        err.map(|e| format!(" (stopped at {done}: {e})"))
+        err.map(|e| format!(" (commit {} failed: {e})", done + 1))
             .unwrap_or_default()
     };
     rows.push(measure(
         format!(
-            "{done} commits, compaction on (bound {}){}",
-            settings.compact_depth,
-            stopped(done, err)
+            "{done} commits, compaction on (bound {})",
+            settings.compact_depth
         ),
         &s,
         reps,
         t.elapsed(),
     ));
+    notes.push((rows.len() - 1, stopped(done, err)));
     drop(s);
 
     let t = Instant::now();
     let s = Scenario::new(&parent, files, &exe);
     let (done, err) = s.commits(commits, || {});
     rows.push(measure(
-        format!("{done} commits, compaction off{}", stopped(done, err)),
+        format!("{done} commits, compaction off"),
         &s,
         reps,
         t.elapsed(),
     ));
+    notes.push((rows.len() - 1, stopped(done, err)));
     drop(s);
 
     let base_k = rows[0].kernel_mount.clone().ok();
@@ -312,7 +314,11 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut json = Vec::new();
-    for r in &rows {
+    let mut notes_out = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        if let Some((_, n)) = notes.iter().find(|(j, n)| *j == i && !n.is_empty()) {
+            notes_out.push(format!("{}:{n}", r.label));
+        }
         let k = r.kernel_mount.clone().ok();
         let f = r.fuse_mount.clone().ok();
         let w = r.walk.clone().ok().map(|w| w.0);
@@ -335,15 +341,18 @@ fn main() {
                 .unwrap_or("-".into()),
             r.build.as_secs_f64()
         );
+        let mut said = Vec::new();
         for (what, e) in [
-            ("kernel mount", r.kernel_mount.as_ref().err()),
-            ("fuse mount", r.fuse_mount.as_ref().err()),
-            ("fuse walk", r.walk.as_ref().err()),
+            ("kernel Mount", r.kernel_mount.as_ref().err()),
+            ("FUSE Mount", r.fuse_mount.as_ref().err()),
+            ("FUSE walk", r.walk.as_ref().err()),
         ] {
             if let Some(e) = e {
-                println!("  {}: {what} failed: {e}", r.label);
+                said.push(format!("{what} failed: {e}"));
             }
         }
+        said.dedup_by(|a, b| a.split_once(':').map(|x| x.1) == b.split_once(':').map(|x| x.1));
+        notes_out.extend(said.into_iter().map(|n| format!("{}: {n}", r.label)));
         json.push(serde_json::json!({
             "scenario": r.label, "depth": r.depth,
             "kernel_mount_ms": k.map(|d| d.as_secs_f64() * 1000.0),
@@ -353,6 +362,9 @@ fn main() {
             "disk_bytes": r.disk, "live_bytes": r.live, "build_s": r.build.as_secs_f64(),
             "errors": [r.kernel_mount.as_ref().err(), r.fuse_mount.as_ref().err(), r.walk.as_ref().err()],
         }));
+    }
+    for n in &notes_out {
+        println!("- {n}");
     }
     let on = &rows[2];
     let off = &rows[3];
