@@ -6,7 +6,7 @@
 //! - depth 1: the seed alone;
 //! - depth 16: 15 commits;
 //! - N commits with the server's maintenance pass after each (compaction + GC, as `serve` runs);
-//! - N commits with compaction off (no maintenance).
+//! - N commits with compaction off (no maintenance), at most 450: deeper chains cannot be mounted.
 //!
 //! For each: Mount latency (median over `REPS` fresh sessions) on the kernel and FUSE backends,
 //! the FUSE metadata walk of the whole tree on a fresh mount (median), the chain depth, and the
@@ -35,6 +35,9 @@ mod mounts;
 use mounts::{walk, Unmounter};
 
 const CACHE: &str = "age";
+
+/// Commits of the compaction-off run: its chain must stay mountable (the kernel's limit is 500).
+const OFF_MAX: usize = 450;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -294,7 +297,8 @@ fn main() {
 
     let t = Instant::now();
     let s = Scenario::new(&parent, files, &exe);
-    let (done, err) = s.commits(commits, || {});
+    // Without compaction the kernel refuses chains over 500 layers: stop where it still mounts.
+    let (done, err) = s.commits(commits.min(OFF_MAX), || {});
     rows.push(measure(
         format!("{done} commits, compaction off"),
         &s,
