@@ -783,3 +783,116 @@ fn serve_runs_the_worker_with_budget_flags() {
     assert!(log.contains("max_size=Some(1610612736)"), "{log}");
     assert!(log.contains("maintenance worker stopped"), "{log}");
 }
+
+/// A GC cut short at each of its steps (error or kill -9) loses nothing the state names and
+/// leaves only garbage that the next GC removes. Needs `--features failpoints`.
+#[cfg(feature = "failpoints")]
+#[test]
+fn gc_cut_short_at_each_step_is_finished_by_the_next() {
+    for fp in [
+        "gc::before_prune_state",
+        "gc::before_rename",
+        "gc::before_delete",
+    ] {
+        for action in ["return", "return(abort)"] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            drop(store.lock_cache("k").unwrap());
+            let mut state = store
+                .ensure_cache("k", cachedriver::state::XattrNs::Trusted)
+                .unwrap();
+            for l in ["keep", "junk"] {
+                fs::create_dir(store.layer_dir("k", l)).unwrap();
+                fs::write(store.layer_dir("k", l).join("f"), l).unwrap();
+            }
+            state.push_layer("junk", "0", "k-junk");
+            state.push_layer("keep", "0", "k-keep");
+            store.save_state("k", &state).unwrap();
+            let out = Command::new(exe())
+                .args(["gc", "--root"])
+                .arg(dir.path())
+                .env("FAILPOINTS", format!("{fp}={action}"))
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{fp}={action} did not fire");
+            let s = store.load_state("k").unwrap().unwrap();
+            assert_eq!(
+                s.latest_chain().unwrap(),
+                vec!["keep", "0"],
+                "{fp}={action}"
+            );
+            assert_eq!(
+                fs::read_to_string(store.layer_dir("k", "keep").join("f")).unwrap(),
+                "keep"
+            );
+            let r = gc_cache(&store, "k", false).unwrap();
+            let names: Vec<String> = fs::read_dir(store.cache_dir("k"))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_type().unwrap().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let mut names = names;
+            names.sort();
+            assert_eq!(names, vec!["0", "keep"], "{fp}={action}: {r:?}");
+            assert_eq!(
+                store.load_state("k").unwrap().unwrap().layers.len(),
+                2,
+                "{fp}={action}"
+            );
+        }
+    }
+}
+
+/// `rm` (the same drop as budget eviction) cut short: before the rename the cache is intact,
+/// after it the cache is gone and the next GC deletes the leftover. Needs `--features failpoints`.
+#[cfg(feature = "failpoints")]
+#[test]
+fn rm_cut_short_leaves_the_cache_whole_or_gone() {
+    for (fp, gone) in [
+        ("budget::before_rename", false),
+        ("budget::before_delete", true),
+    ] {
+        for action in ["return", "return(abort)"] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            drop(store.lock_cache("k").unwrap());
+            store
+                .ensure_cache("k", cachedriver::state::XattrNs::Trusted)
+                .unwrap();
+            let out = Command::new(exe())
+                .args(["rm", "--root"])
+                .arg(dir.path())
+                .arg("k")
+                .env("FAILPOINTS", format!("{fp}={action}"))
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{fp}={action} did not fire");
+            assert_eq!(
+                store.load_state("k").unwrap().is_none(),
+                gone,
+                "{fp}={action}"
+            );
+            let out = Command::new(exe())
+                .args(["gc", "--root"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let left: Vec<String> = fs::read_dir(dir.path().join("lower"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(
+                left,
+                if gone { vec![] } else { vec!["k".to_string()] },
+                "{fp}={action}"
+            );
+        }
+    }
+}
