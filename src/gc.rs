@@ -141,34 +141,39 @@ pub fn gc_cache(store: &Store, cache: &str, dry_run: bool) -> Result<GcReport> {
         report.deleted.sort();
         report.leftovers.sort();
         if dry_run {
-            let paths: Vec<PathBuf> = victims.iter().map(|n| dir.join(n)).collect();
-            report.bytes_freed = freed_bytes(&paths);
-            return Ok(report);
-        }
-        if let Some(mut state) = state {
-            if !report.pruned.is_empty() {
-                crate::failpoint!("gc::before_prune_state");
-                state.layers.retain(|k, _| reach.contains(k));
-                store.save_state(cache, &state)?;
+            // Measured below, after the cache lock is released: the maintenance lock we still
+            // hold keeps every one of these dirs in place.
+            victims.iter().map(|n| dir.join(n)).collect()
+        } else {
+            if let Some(mut state) = state {
+                if !report.pruned.is_empty() {
+                    crate::failpoint!("gc::before_prune_state");
+                    state.layers.retain(|k, _| reach.contains(k));
+                    store.save_state(cache, &state)?;
+                }
             }
-        }
-        crate::failpoint!("gc::before_rename");
-        let mut doomed = Vec::new();
-        for n in &victims {
-            let from = dir.join(n);
-            if n.starts_with(".gc-") {
-                doomed.push(from);
-                continue;
+            crate::failpoint!("gc::before_rename");
+            let mut doomed = Vec::new();
+            for n in &victims {
+                let from = dir.join(n);
+                if n.starts_with(".gc-") {
+                    doomed.push(from);
+                    continue;
+                }
+                let to = aside_name(&dir, n.trim_start_matches('.'));
+                fs::rename(&from, &to).ctx("moving garbage aside", &from)?;
+                doomed.push(to);
             }
-            let to = aside_name(&dir, n.trim_start_matches('.'));
-            fs::rename(&from, &to).ctx("moving garbage aside", &from)?;
-            doomed.push(to);
+            if !doomed.is_empty() {
+                fsync_dir(&dir)?;
+            }
+            doomed
         }
-        if !doomed.is_empty() {
-            fsync_dir(&dir)?;
-        }
-        doomed
     };
+    if dry_run {
+        report.bytes_freed = freed_bytes(&doomed);
+        return Ok(report);
+    }
     crate::failpoint!("gc::before_delete");
     report.bytes_freed = freed_bytes(&doomed);
     for p in &doomed {
