@@ -111,7 +111,8 @@ fn lock_path(path: &Path, open: impl Fn() -> Result<File>) -> Result<nix::fcntl:
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| Error::io("locking", path, e.into()))?;
         let held = lock.metadata().ctx("inspecting locked file", path)?;
-        match fs::symlink_metadata(path) {
+        // Follows a symlink as `open` did, so the two always name the same thing.
+        match fs::metadata(path) {
             Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(lock),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
