@@ -896,3 +896,44 @@ fn rm_cut_short_leaves_the_cache_whole_or_gone() {
         }
     }
 }
+
+/// With --max-idle, volume records with no session not written for that long are dropped; a
+/// record with a live session never is.
+#[test]
+fn idle_volume_records_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rec = |name: &str, session: Option<Session>| VolumeRecord {
+        name: name.into(),
+        cache: "v".into(),
+        id: name.trim_start_matches("v-").into(),
+        options: BTreeMap::new(),
+        commit: None,
+        created_at: "2026-01-01T00:00:00Z".into(),
+        session,
+    };
+    store.save_volume(&rec("v-old", None)).unwrap();
+    store.save_volume(&rec("v-new", None)).unwrap();
+    store
+        .save_volume(&rec("v-live", Some(fake_session(&["0"], None))))
+        .unwrap();
+    let age = |name: &str| {
+        fs::File::options()
+            .write(true)
+            .open(dir.path().join("volumes").join(format!("{name}.json")))
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(8 * 86400))
+            .unwrap()
+    };
+    age("v-old");
+    age("v-live");
+    let dropped = maintenance::prune_idle_volumes(&store, Duration::from_secs(7 * 86400)).unwrap();
+    assert_eq!(dropped, vec!["v-old"]);
+    let left: Vec<String> = store
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(left, vec!["v-live", "v-new"]);
+}
