@@ -72,6 +72,46 @@ enum Command {
             default_value = "/var/run/docker.sock"
         )]
         engine_socket: PathBuf,
+        /// Compact a cache's latest chain in the background once it is deeper than this.
+        #[arg(long, env = "CACHEDRIVER_COMPACT_DEPTH", default_value_t = crate::compact::DEFAULT_DEPTH as u64,
+            value_parser = clap::value_parser!(u64).range(1..=(crate::state::MAX_CHAIN as u64 - 1)))]
+        compact_depth: u64,
+        /// Cap on the disk all layers take (each inode once), e.g. 40M, 10G; over it, whole
+        /// caches are evicted least recently used first, never one in use. Off by default.
+        #[arg(long, env = "CACHEDRIVER_MAX_SIZE", value_parser = crate::budget::parse_size)]
+        max_size: Option<u64>,
+        /// Evict caches not used (Mount or commit) for this long, e.g. 12h, 7d; also drops
+        /// volume records idle that long. Off by default.
+        #[arg(long, env = "CACHEDRIVER_MAX_IDLE", value_parser = crate::budget::parse_duration)]
+        max_idle: Option<std::time::Duration>,
+    },
+    /// Flatten caches' latest chains now (all caches when none is named), then collect garbage.
+    Compact {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Caches to compact.
+        caches: Vec<String>,
+    },
+    /// Delete layers that no snapshot and no live session needs, and leftovers of crashes.
+    Gc {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Only say what would be deleted and the space it would free.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop one cache (its state and every layer); refused while a session uses it.
+    Rm {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// The cache.
+        cache: String,
     },
     /// Try each backend here and say which one `auto` picks.
     Probe {
@@ -87,6 +127,9 @@ enum Command {
         /// Store root.
         #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
         root: PathBuf,
+        /// Print the listing as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -128,6 +171,9 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             commit_on,
             commit_on_unknown,
             engine_socket,
+            compact_depth,
+            max_size,
+            max_idle,
         } => {
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
@@ -151,18 +197,38 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 engine: Some(engine.clone()),
             });
             let driver = Arc::new(driver);
+            let worker = crate::maintenance::Worker::start(
+                driver.store().clone(),
+                crate::maintenance::Settings {
+                    compact_depth: compact_depth as usize,
+                    policy: crate::budget::Policy { max_size, max_idle },
+                    interval: crate::maintenance::DEFAULT_INTERVAL,
+                },
+            )?;
+            driver.set_maintenance(worker.notifier());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(async move {
+            let served = rt.block_on(async move {
                 tokio::spawn(engine.follow());
                 let listener = crate::server::bind(&socket)?;
                 tracing::info!(socket = %socket.display(), root = %root.display(), backend = kind.as_str(),
                     commit = commit.as_str(), "serving");
                 crate::server::serve(listener, &socket, driver, shutdown_signal()).await
-            })
+            });
+            worker.stop();
+            served
         }
+        Command::Compact { root, caches } => {
+            crate::maint_cli::compact(&open_store(&root)?, &caches)
+        }
+        Command::Gc {
+            root,
+            dry_run,
+            json,
+        } => crate::maint_cli::gc(&open_store(&root)?, dry_run, json),
+        Command::Rm { root, cache } => crate::maint_cli::rm(&open_store(&root)?, &cache),
         Command::Probe { root, json } => {
             let report = crate::probe::probe(&root, &own_exe()?);
             if json {
@@ -175,13 +241,20 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 .map(|_| ())
                 .map_err(|e| anyhow!(e))
         }
-        Command::Ls { root } => {
-            let store =
-                Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
-            print!("{}", crate::ls::render(&store)?);
+        Command::Ls { root, json } => {
+            let store = open_store(&root)?;
+            if json {
+                print!("{}", crate::ls::render_json(&store)?);
+            } else {
+                print!("{}", crate::ls::render(&store)?);
+            }
             Ok(())
         }
     }
+}
+
+fn open_store(root: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open(root).with_context(|| format!("opening store {}", root.display()))
 }
 
 async fn shutdown_signal() {

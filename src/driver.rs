@@ -56,6 +56,7 @@ pub struct Driver {
     backend: Box<dyn Backend>,
     xattr: XattrNs,
     policy: crate::policy::Policy,
+    maintenance: std::sync::OnceLock<crate::maintenance::Notifier>,
 }
 
 impl Driver {
@@ -68,6 +69,7 @@ impl Driver {
             xattr: XattrNs::for_this_process(),
             config,
             policy: crate::policy::Policy::default(),
+            maintenance: std::sync::OnceLock::new(),
         };
         for v in d.store.list_volumes()? {
             if let Some(s) = &v.session {
@@ -83,6 +85,11 @@ impl Driver {
     /// The store this driver works on.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Connects the background maintenance worker, told of every commit.
+    pub fn set_maintenance(&self, n: crate::maintenance::Notifier) {
+        let _ = self.maintenance.set(n);
     }
 
     /// The server-wide settings.
@@ -232,6 +239,7 @@ impl Driver {
     pub fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         Self::check_mount_id(id)?;
         let (_lock, mut rec) = self.lock_volume(name)?;
+        crate::budget::mark_used(&self.store, &rec.cache);
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
         if let Some(s) = rec.session.clone() {
             if !self.backend_for(s.backend).is_mounted(&merged) {
@@ -326,6 +334,7 @@ impl Driver {
         );
         let t1 = std::time::Instant::now();
         let outcome = commit::commit(&self.store, &rec, &session, mode)?;
+        crate::maintenance::after_commit(&self.store, &rec.cache, &outcome, self.maintenance.get());
         let t2 = std::time::Instant::now();
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;

@@ -8,8 +8,11 @@
 //! - [`driver`]: the one place where every state change happens.
 //! - [`protocol`], [`server`]: the Docker VolumeDriver protocol over a unix socket.
 //! - [`probe`], [`ls`]: what works on this host; what the store holds.
+//! - [`gc`], [`budget`], [`maintenance`]: garbage collection, the disk budget, and the
+//!   background worker that runs them with compaction ([`compact`]).
 
 pub mod backend;
+pub mod budget;
 pub mod cli;
 pub mod commit;
 pub mod compact;
@@ -19,11 +22,15 @@ pub mod error;
 pub mod failpoint;
 pub mod fsutil;
 pub mod init;
+pub mod gc;
 pub mod ls;
+pub mod maint_cli;
+pub mod maintenance;
 pub mod names;
 pub mod policy;
 pub mod preflight;
 pub mod probe;
+pub mod progress;
 pub mod protocol;
 pub mod server;
 pub mod state;

@@ -149,6 +149,12 @@ impl CacheState {
         Ok(out)
     }
 
+    /// Every snapshot top this state keeps alive: GC keeps their whole chains. Today that is the
+    /// default scope's `latest`; scopes add their own latests here.
+    pub fn roots(&self) -> Vec<&str> {
+        vec![self.state.latest.as_str()]
+    }
+
     /// The chain of the latest snapshot, newest first.
     pub fn latest_chain(&self) -> Result<Vec<String>> {
         self.chain(&self.state.latest)

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -98,8 +98,29 @@ pub struct MaintenanceLock {
     _lock: nix::fcntl::Flock<File>,
 }
 
-/// The maintenance lock file's name inside `lower/<cache>/` (not a valid layer name).
+/// The maintenance lock file's name inside `lower/<cache>/`.
 pub const MAINTENANCE_FILE: &str = ".maintenance";
+
+/// Opens `path` with `open` and flocks it; retries when, by the time the lock is held, `path`
+/// names another inode: a cache dropped by `rm` or eviction (renamed away while we waited) must
+/// not leave us holding a lock on a dead directory.
+fn lock_path(path: &Path, open: impl Fn() -> Result<File>) -> Result<nix::fcntl::Flock<File>> {
+    loop {
+        let file = open()?;
+        // Released when the guard (and with it the fd) is dropped.
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::io("locking", path, e.into()))?;
+        let held = lock.metadata().ctx("inspecting locked file", path)?;
+        // Follows a symlink as `open` did, so the two always name the same thing.
+        match fs::metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(lock),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("inspecting", path, e)),
+        }
+        tracing::debug!(path = %path.display(), "lock target was replaced while waiting; retrying");
+    }
+}
 
 impl Store {
     /// Opens (creating if needed) a store at `root`.
@@ -169,34 +190,32 @@ impl Store {
     /// Takes the cache's inter-process lock (blocking), creating the cache dir if needed.
     pub fn lock_cache(&self, cache: &str) -> Result<CacheLock> {
         let dir = self.cache_dir(cache);
-        create_dir_all_durable(&dir)?;
-        let file = File::open(&dir).ctx("opening cache dir for locking", &dir)?;
-        // Released when the guard (and with it the fd) is dropped.
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map(|l| CacheLock { _lock: l })
-            .map_err(|(_, e)| Error::io("locking cache dir", &dir, e.into()))
+        lock_path(&dir, || {
+            create_dir_all_durable(&dir)?;
+            File::open(&dir).ctx("opening cache dir for locking", &dir)
+        })
+        .map(|l| CacheLock { _lock: l })
     }
 
     /// Takes the cache's maintenance lock (blocking): an `flock` on `lower/<cache>/.maintenance`,
-    /// held for a whole compaction or GC so two never overlap. Distinct from [`Store::lock_cache`],
-    /// which Mount and Unmount take: maintenance takes that one only briefly, and always after
-    /// this one (lock order: maintenance, then cache).
+    /// held for a whole compaction, GC or eviction so those never overlap, while Mount and
+    /// Unmount only ever wait on the short cache lock. Lock order: maintenance, then cache.
     pub fn lock_maintenance(&self, cache: &str) -> Result<MaintenanceLock> {
         let dir = self.cache_dir(cache);
-        create_dir_all_durable(&dir)?;
-        let p = dir.join(MAINTENANCE_FILE);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&p)
-            .ctx("opening maintenance lock", &p)?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map(|l| MaintenanceLock { _lock: l })
-            .map_err(|(_, e)| Error::io("locking", &p, e.into()))
+        let path = dir.join(MAINTENANCE_FILE);
+        lock_path(&path, || {
+            create_dir_all_durable(&dir)?;
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .ctx("opening maintenance lock", &path)
+        })
+        .map(|l| MaintenanceLock { _lock: l })
     }
 
     /// The cache's state, or `None` if it was never used.
