@@ -19,7 +19,7 @@
 //! - clean-shutdown: after SIGTERM no temp file, mount or FUSE server is left under the root.
 //!
 //! Knobs: `CACHEDRIVER_CRASH_ONLY=NAME[,NAME]` (failpoints to drive), `CACHEDRIVER_CRASH_HITS`
-//! (hits sampled per failpoint and mode, default 4), `CACHEDRIVER_CRASH_JOBS` (parallel runs,
+//! (hits sampled per failpoint and mode, default 6), `CACHEDRIVER_CRASH_JOBS` (parallel runs,
 //! default 3).
 #![cfg(feature = "failpoints")]
 
@@ -320,9 +320,7 @@ fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
         Target::Cli { .. } => None,
     };
     if let Err(e) = p.start(serve_fp.as_deref()) {
-        if target.crash() && e.contains("exited during startup") {
-            res.fired = true;
-        } else if e.contains("failpoint") {
+        if (target.crash() && e.contains("exited during startup")) || e.contains("failpoint") {
             res.fired = true;
         } else {
             res.failures.push(format!("startup with failpoints: {e}"));
@@ -808,7 +806,7 @@ fn drive(backend: &'static str) {
         extra,
         maint_cmds,
     };
-    let per = env_usize("CACHEDRIVER_CRASH_HITS", 4);
+    let per = env_usize("CACHEDRIVER_CRASH_HITS", 6);
     let jobs = env_usize("CACHEDRIVER_CRASH_JOBS", 3).max(1);
 
     // Pass 1: how often the scenario hits each failpoint.

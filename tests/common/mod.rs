@@ -124,10 +124,7 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     {
         let mut out = Vec::new();
         let mut rest = &body[..];
-        loop {
-            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
             let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)
                 .map_err(|e| format!("bad chunk size: {e}"))?;
             if n == 0 {
