@@ -602,3 +602,85 @@ pub fn subcommands() -> Vec<String> {
     }
     out
 }
+
+/// True when `dir` carries an overlay opaque marker (either xattr namespace).
+fn is_opaque(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| {
+            let n = std::ffi::CString::new(*name).expect("xattr name");
+            let mut buf = [0u8; 4];
+            // SAFETY: both strings are NUL-terminated and buf is large enough for the length given.
+            let r = unsafe {
+                libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            };
+            r == 1 && buf[0] == b'y'
+        })
+        || dir.join(".wh..wh..opq").exists()
+}
+
+/// The files a stack of layers (newest first) shows, computed in user space with overlayfs'
+/// rules (whiteouts, `.wh.` whiteouts, opaque dirs): for chains too long for a classic mount.
+pub fn merge_layers(layers: &[PathBuf]) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let mut out: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let drop_under = |out: &mut BTreeMap<String, Vec<u8>>, rel: &str| {
+        let prefix = format!("{rel}/");
+        out.retain(|k, _| k != rel && !k.starts_with(&prefix));
+    };
+    for layer in layers.iter().rev() {
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let abs = layer.join(&rel);
+            if !rel.as_os_str().is_empty() && is_opaque(&abs) {
+                drop_under(&mut out, &rel.display().to_string());
+            }
+            let rd = fs::read_dir(&abs).map_err(|e| format!("listing {}: {e}", abs.display()))?;
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name == ".wh..wh..opq" {
+                    continue;
+                }
+                let r = rel.join(&name);
+                let key = r.display().to_string();
+                let Ok(m) = fs::symlink_metadata(e.path()) else {
+                    continue;
+                };
+                let ft = m.file_type();
+                if let Some(target) = name.strip_prefix(".wh.") {
+                    drop_under(&mut out, &rel.join(target).display().to_string());
+                } else if ft.is_char_device() && m.rdev() == 0 {
+                    drop_under(&mut out, &key);
+                } else if ft.is_dir() {
+                    out.remove(&key);
+                    stack.push(r);
+                } else if ft.is_file() {
+                    drop_under(&mut out, &key);
+                    let c = fs::read(e.path()).map_err(|err| format!("reading {key}: {err}"))?;
+                    out.insert(key, c);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The files of a cache's latest snapshot: through a read-only kernel overlay mount when the
+/// chain fits a classic option string, else merged in user space.
+pub fn latest_files(root: &Path, cache: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let st = check_state(root, cache)?;
+    let chain = latest_chain(&st)?;
+    let dirs: Vec<PathBuf> = chain
+        .iter()
+        .map(|l| root.join("lower").join(cache).join(l))
+        .collect();
+    let opts_len: usize = dirs.iter().map(|d| d.as_os_str().len() + 1).sum();
+    if opts_len < 3500 {
+        let v = SnapshotView::latest(root, cache)?;
+        return Ok(files_of(&read_tree(&v.path)?));
+    }
+    merge_layers(&dirs)
+}
