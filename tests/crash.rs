@@ -81,6 +81,12 @@ enum Op {
     Unmount(&'static str, &'static str),
     Maintenance,
     Remove(&'static str),
+    /// Keep the view open, as a running container does (until its Unmount).
+    Hold(&'static str),
+    /// kill -9 the plugin with sessions live; a helper run then cuts a commit of `.0` short
+    /// (abort at `commit::before_state`), and phase 2 starts: startup recovery has a live
+    /// session to keep and a commit to finish.
+    KillAndCutCommit(&'static str, &'static str),
 }
 
 /// What each session writes (`Some`) or deletes (`None`) through its merged dir.
@@ -108,6 +114,11 @@ fn writes(vol: &str) -> Vec<(&'static str, Option<Vec<u8>>)> {
             ("sub/deep/r1.bin", None),
         ],
         "fp-d1" => vec![("d1.txt", Some(b"d1".to_vec())), ("shared.txt", None)],
+        "fp-o1" => vec![("o1.txt", Some(b"o1".to_vec()))],
+        "fp-x1" => vec![
+            ("x1.txt", Some(b"x1".to_vec())),
+            ("shared.txt", Some(b"x1".to_vec())),
+        ],
         "fp-r3" => vec![
             ("r3.txt", Some(b"r3".to_vec())),
             ("shared.txt", Some(b"r3".to_vec())),
@@ -146,6 +157,15 @@ fn script() -> Vec<Op> {
         Write("fp-r3"),
         Unmount("fp-r3", "cp"),
         Unmount("fp-r3", "c6"),
+        Create("fp-o1", Mode::Merge),
+        Create("fp-x1", Mode::Merge),
+        Mount("fp-o1", "c7"),
+        Write("fp-o1"),
+        Hold("fp-o1"),
+        Mount("fp-x1", "c8"),
+        Write("fp-x1"),
+        KillAndCutCommit("fp-x1", "c8"),
+        Unmount("fp-o1", "c7"),
         Maintenance,
         Remove("fp-r1"),
         Remove("fp-m1"),
@@ -153,6 +173,8 @@ fn script() -> Vec<Op> {
         Remove("fp-r2"),
         Remove("fp-d1"),
         Remove("fp-r3"),
+        Remove("fp-o1"),
+        Remove("fp-x1"),
     ]
 }
 
@@ -245,8 +267,8 @@ impl Model {
 enum Target {
     /// Count hits only (`print`).
     Count,
-    /// The K-th hit (0-based) in the `serve` process.
-    Serve { k: usize, crash: bool },
+    /// The K-th hit (0-based) in the `serve` process of phase 1 (before the kill) or 2.
+    Serve { phase: usize, k: usize, crash: bool },
     /// The K-th hit in a maintenance command (`gc`, `compact`).
     Cli { cmd: String, k: usize, crash: bool },
 }
@@ -268,13 +290,11 @@ impl Target {
     fn label(&self) -> String {
         match self {
             Target::Count => "count".into(),
-            Target::Serve { k, crash } => {
-                format!(
-                    "{} serve hit {}",
-                    if *crash { "crash" } else { "error" },
-                    k + 1
-                )
-            }
+            Target::Serve { phase, k, crash } => format!(
+                "{} serve phase {phase} hit {}",
+                if *crash { "crash" } else { "error" },
+                k + 1
+            ),
             Target::Cli { cmd, k, crash } => format!(
                 "{} `{cmd}` hit {}",
                 if *crash { "crash" } else { "error" },
@@ -295,7 +315,8 @@ impl Target {
 #[derive(Debug, Default)]
 struct RunResult {
     fired: bool,
-    serve_hits: usize,
+    /// Hits in phase 1 and phase 2 of `serve`.
+    serve_hits: [usize; 2],
     cli_hits: BTreeMap<String, usize>,
     failures: Vec<String>,
 }
@@ -314,12 +335,17 @@ struct Env {
 fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
     let mut res = RunResult::default();
     let mut p = Plugin::new(env.backend, None, &env.extra);
-    let serve_fp = match target {
+    let serve_fp = |ph: usize| match target {
         Target::Count => Some(format!("{fp}=print(FPHIT)")),
-        Target::Serve { k, crash } => Some(format!("{fp}={}", Target::spec(*k, *crash))),
-        Target::Cli { .. } => None,
+        Target::Serve { phase, k, crash } if *phase == ph => {
+            Some(format!("{fp}={}", Target::spec(*k, *crash)))
+        }
+        _ => None,
     };
-    if let Err(e) = p.start(serve_fp.as_deref()) {
+    // Which start of the plugin is phase 2 (its log counts phase-2 hits).
+    let mut phase2_start = None;
+    let mut holds: BTreeMap<&str, Vec<fs::File>> = BTreeMap::new();
+    if let Err(e) = p.start(serve_fp(1).as_deref()) {
         if (target.crash() && e.contains("exited during startup")) || e.contains("failpoint") {
             res.fired = true;
         } else {
@@ -398,6 +424,7 @@ fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
                 None
             }
             Op::Unmount(v, id) => {
+                holds.remove(v); // the container exits before the engine unmounts
                 let r = p.call("/VolumeDriver.Unmount", json!({"Name": v, "ID": id}));
                 if let Ok((200, _)) = &r {
                     if let Some(i) = model.pending.iter().position(|s| s.vol == *v) {
@@ -459,6 +486,49 @@ fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
                 None
             }
             Op::Remove(v) => Some(p.call("/VolumeDriver.Remove", json!({"Name": v}))),
+            Op::Hold(v) => {
+                if let Some(mp) = mountpoints.get(v) {
+                    let h: Vec<fs::File> = [mp.clone(), mp.join(format!("{}.txt", &v[3..]))]
+                        .iter()
+                        .filter_map(|x| fs::File::open(x).ok())
+                        .collect();
+                    holds.insert(v, h);
+                }
+                None
+            }
+            Op::KillAndCutCommit(v, id) => {
+                p.kill9();
+                // The helper: aborts in the middle of this commit (or of the startup sweep
+                // that commits the orphan first): a commit cut short for recovery to finish.
+                match p.start(Some("commit::before_state=return(abort)")) {
+                    Ok(()) => {
+                        let _ = p.call("/VolumeDriver.Unmount", json!({"Name": v, "ID": id}));
+                        if p.wait_exit(Duration::from_secs(2)).is_none() {
+                            p.kill9();
+                        }
+                    }
+                    Err(e) if e.contains("exited during startup") => {}
+                    Err(e) => res.failures.push(format!("scenario: helper start: {e}")),
+                }
+                p.kill9();
+                phase2_start = Some(p.starts() + 1);
+                match p.start(serve_fp(2).as_deref()) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        if e.contains("failpoint")
+                            || (target.crash() && e.contains("exited during startup"))
+                        {
+                            res.fired = true;
+                        } else {
+                            res.failures.push(format!(
+                                "INVARIANT restart: serve does not start after a kill -9 and a commit cut short: {e}"
+                            ));
+                        }
+                        stopped = true;
+                        None
+                    }
+                }
+            }
         };
         match reply {
             None | Some(Ok((200, _))) => {}
@@ -468,7 +538,7 @@ fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
                     res.fired = true;
                 } else {
                     res.failures.push(format!(
-                        "scenario step {op:?} failed ({st}) without the failpoint firing: {body}"
+                        "INVARIANT docker-ops: scenario step {op:?} failed ({st}) without the failpoint firing: {body}"
                     ));
                 }
                 stopped = true;
@@ -505,11 +575,21 @@ fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
             res.fired = true;
         }
     }
+    drop(holds);
     let logs = p.logs();
     if logs.contains(&format!("failpoint {fp}")) {
         res.fired = true;
     }
-    res.serve_hits = count_hits(&logs);
+    // Hits of the helper run (between the phases) are not ours to count.
+    let split = phase2_start.unwrap_or(p.starts() + 1);
+    for i in 1..=p.starts() {
+        let n = count_hits(&p.log_of(i));
+        if i < split.saturating_sub(1) || split > p.starts() {
+            res.serve_hits[0] += n;
+        } else if i >= split {
+            res.serve_hits[1] += n;
+        }
+    }
     if !target.crash() && p.running() {
         // Error injection: the same process keeps serving.
         if let Err(e) = p.ok("/VolumeDriver.List", json!({})) {
@@ -821,17 +901,19 @@ fn drive(backend: &'static str) {
             ));
         }
         hits_table.push(format!(
-            "{fp}: serve {} hit(s), {:?}",
+            "{fp}: serve hits (phase 1, phase 2) {:?}, commands {:?}",
             r.serve_hits, r.cli_hits
         ));
-        if r.serve_hits == 0 && r.cli_hits.values().all(|h| *h == 0) {
+        if r.serve_hits == [0, 0] && r.cli_hits.values().all(|h| *h == 0) {
             failures.push(format!(
                 "[{backend}] failpoint {fp} is never reached by the scenario: extend the scenario in tests/crash.rs so it runs that step"
             ));
         }
         for crash in [false, true] {
-            for k in sample(r.serve_hits, per) {
-                plan.push((fp.clone(), Target::Serve { k, crash }));
+            for phase in [1, 2] {
+                for k in sample(r.serve_hits[phase - 1], per) {
+                    plan.push((fp.clone(), Target::Serve { phase, k, crash }));
+                }
             }
             for (cmd, h) in &r.cli_hits {
                 for k in sample(*h, per.min(2)) {

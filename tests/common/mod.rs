@@ -284,6 +284,16 @@ impl Plugin {
         out
     }
 
+    /// How many times the plugin was started.
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+
+    /// The log of the `i`-th start (1-based).
+    pub fn log_of(&self, i: u32) -> String {
+        fs::read_to_string(self.dir.path().join(format!("plugin.{i}.log"))).unwrap_or_default()
+    }
+
     /// The last 40 lines of the logs.
     pub fn log_tail(&self) -> String {
         let l = self.logs();
