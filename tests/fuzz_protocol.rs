@@ -124,6 +124,8 @@ fn bad_opts() -> impl Strategy<Value = Value> {
             }),
         bad_name().prop_map(|c| json!({"cache": c})),
         Just(json!({"commit": 1})),
+        (1usize..300_000).prop_map(|n| json!({"commit": "m".repeat(n)})),
+        (1usize..300_000).prop_map(|n| json!("x".repeat(n))),
         Just(json!({"commit": null})),
         Just(json!(["commit", "merge"])),
         Just(json!("commit=merge")),
@@ -284,6 +286,13 @@ fn case() -> impl Strategy<Value = Case> {
 fn check_reply(c: &Case, status: u16, body: &Value) -> Result<(), TestCaseError> {
     if c.must_err {
         let err = body["Err"].as_str().unwrap_or_default();
+        prop_assert!(
+            err.len() <= 4096,
+            "{}: the Err echoes too much of the input ({} bytes): {}...",
+            c.endpoint,
+            err.len(),
+            &err[..err.char_indices().nth(200).map_or(err.len(), |(i, _)| i)]
+        );
         prop_assert!(
             status != 200 && !err.trim().is_empty(),
             "{} {:?}: bad input accepted or no clear Err: {status} {body}",
