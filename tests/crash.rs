@@ -854,6 +854,37 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Runs every (failpoint, target) of `plan` on `jobs` threads, each on its own root; results in
+/// plan order.
+fn run_all(env: &Env, plan: &[(String, Target)], jobs: usize) -> Vec<RunResult> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, RunResult)>> = Mutex::new(vec![]);
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some((fp, t)) = plan.get(i) else { break };
+                let r = run_one(env, fp, t);
+                eprintln!(
+                    "crash[{}] {fp} {}: {}{}",
+                    env.backend,
+                    t.label(),
+                    if r.fired { "fired" } else { "not fired" },
+                    if r.failures.is_empty() {
+                        ", invariants hold"
+                    } else {
+                        ", INVARIANTS BROKEN"
+                    }
+                );
+                results.lock().expect("results").push((i, r));
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("results");
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
 fn drive(backend: &'static str) {
     let test = format!("crash::failpoints_{backend}");
     if !common::backends(&test).contains(&backend) {
@@ -893,8 +924,8 @@ fn drive(backend: &'static str) {
     let mut plan: Vec<(String, Target)> = vec![];
     let mut failures: Vec<String> = vec![];
     let mut hits_table = vec![];
-    for fp in &fps {
-        let r = run_one(&env, fp, &Target::Count);
+    let counts: Vec<(String, Target)> = fps.iter().map(|f| (f.clone(), Target::Count)).collect();
+    for (fp, r) in fps.iter().zip(run_all(&env, &counts, jobs)) {
         for f in &r.failures {
             failures.push(format!(
                 "[{backend}] {fp} (no injection, counting pass): {f}"
@@ -930,30 +961,8 @@ fn drive(backend: &'static str) {
         }
     }
     // Pass 2: inject, in parallel on separate roots.
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, RunResult)>> = Mutex::new(vec![]);
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some((fp, t)) = plan.get(i) else { break };
-                let r = run_one(&env, fp, t);
-                eprintln!(
-                    "crash[{backend}] {fp} {}: {}{}",
-                    t.label(),
-                    if r.fired { "fired" } else { "not fired" },
-                    if r.failures.is_empty() {
-                        ", invariants hold"
-                    } else {
-                        ", INVARIANTS BROKEN"
-                    }
-                );
-                results.lock().expect("results").push((i, r));
-            });
-        }
-    });
-    let mut results = results.into_inner().expect("results");
-    results.sort_by_key(|(i, _)| *i);
+    let results: Vec<(usize, RunResult)> =
+        run_all(&env, &plan, jobs).into_iter().enumerate().collect();
     let mut summary: BTreeMap<(String, bool), (usize, usize, usize)> = BTreeMap::new();
     for (i, r) in &results {
         let (fp, t) = &plan[*i];
