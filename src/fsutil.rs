@@ -15,19 +15,23 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Writes `data` to `path` atomically: temp file in the same dir, fsync, rename, fsync dir.
-/// A crash leaves either the old or the new content, never a mix.
+/// A crash leaves either the old or the new content, never a mix; an error removes the temp file
+/// (only a crash can leave one, for startup recovery to remove).
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
+    // Unique per call, so two writers of one path in this process never share a temp file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
+    let write = || -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(true) // a crashed run with our pid (pid 1 in a container) may have left it
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
@@ -35,9 +39,15 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
         f.write_all(data).ctx("writing temp file", &tmp)?;
         crate::failpoint!("atomic_write::before_fsync");
         f.sync_all().ctx("fsyncing temp file", &tmp)?;
+        drop(f);
+        crate::failpoint!("atomic_write::before_rename");
+        fs::rename(&tmp, path).ctx("renaming temp file into place", path)
+    };
+    if let Err(e) = write() {
+        // A full disk or an injected error must not leave the half-written temp file behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    crate::failpoint!("atomic_write::before_rename");
-    fs::rename(&tmp, path).ctx("renaming temp file into place", path)?;
     fsync_dir(dir)
 }
 

@@ -50,7 +50,8 @@ impl CommitMode {
             "merge" => Ok(CommitMode::Merge),
             "discard" => Ok(CommitMode::Discard),
             _ => Err(Error::InvalidOption(format!(
-                "invalid commit mode {s:?}: use commit=replace, commit=merge or commit=discard"
+                "invalid commit mode {}: use commit=replace, commit=merge or commit=discard",
+                shown(s)
             ))),
         }
     }
@@ -59,6 +60,16 @@ impl CommitMode {
 impl std::fmt::Display for CommitMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A name as error messages show it: quoted, and cut at 64 characters so a hostile megabyte-long
+/// name does not come back whole in the reply and the log.
+pub(crate) fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((i, _)) => format!("{:?}... ({} bytes)", &s[..i], s.len()),
     }
 }
 
@@ -74,12 +85,13 @@ fn check_len(kind: &str, s: &str, extra: &[u8], max: usize) -> std::result::Resu
         return Err(format!("{kind} is longer than {max} bytes"));
     }
     if s.contains("..") {
-        return Err(format!("{kind} {s:?} contains \"..\""));
+        return Err(format!("{kind} {} contains \"..\"", shown(s)));
     }
     let first = s.as_bytes()[0];
     if !(first.is_ascii_alphanumeric() || first == b'_') {
         return Err(format!(
-            "{kind} {s:?} must start with a letter, digit or '_'"
+            "{kind} {} must start with a letter, digit or '_'",
+            shown(s)
         ));
     }
     if let Some(c) = s
@@ -87,7 +99,8 @@ fn check_len(kind: &str, s: &str, extra: &[u8], max: usize) -> std::result::Resu
         .find(|c| !(c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.' || extra.contains(c)))
     {
         return Err(format!(
-            "{kind} {s:?} contains {:?}, which is not allowed",
+            "{kind} {} contains {:?}, which is not allowed",
+            shown(s),
             c as char
         ));
     }
@@ -135,7 +148,8 @@ impl VolumeOptions {
                 "commit-on" => out.commit_on = Some(crate::policy::CommitOn::parse(v)?),
                 _ => {
                     return Err(Error::InvalidOption(format!(
-                        "unknown option {k:?}: cachedriver knows {} (e.g. -o commit=merge)",
+                        "unknown option {}: cachedriver knows {} (e.g. -o commit=merge)",
+                        shown(k),
                         KNOWN_OPTIONS.join(", ")
                     )))
                 }
@@ -159,8 +173,11 @@ pub struct VolumeName {
 /// Validates a bare volume name (used before any lookup by name).
 pub fn validate_volume(name: &str) -> Result<()> {
     check_common("it", name, b"-").map_err(|m| {
-        let m = m.replacen(&format!("it {name:?}"), "it", 1);
-        Error::InvalidName(format!("invalid volume name {name:?}: {m}; {NAME_HELP}"))
+        let m = m.replacen(&format!("it {}", shown(name)), "it", 1);
+        Error::InvalidName(format!(
+            "invalid volume name {}: {m}; {NAME_HELP}",
+            shown(name)
+        ))
     })
 }
 
@@ -168,7 +185,9 @@ pub fn validate_volume(name: &str) -> Result<()> {
 pub fn parse_volume(volume: &str, cache_override: Option<&str>) -> Result<VolumeName> {
     validate_volume(volume)?;
     let wrap = |e: Error| match e {
-        Error::InvalidName(m) => Error::InvalidName(format!("invalid volume name {volume:?}: {m}")),
+        Error::InvalidName(m) => {
+            Error::InvalidName(format!("invalid volume name {}: {m}", shown(volume)))
+        }
         other => other,
     };
     let (cache, id) = match cache_override {
@@ -177,8 +196,9 @@ pub fn parse_volume(volume: &str, cache_override: Option<&str>) -> Result<Volume
             Some((c, i)) => (c.to_string(), i.to_string()),
             None => {
                 return Err(Error::InvalidName(format!(
-                    "invalid volume name {volume:?}: it has no '-' to split cache from session; {NAME_HELP}"
-                )))
+                "invalid volume name {}: it has no '-' to split cache from session; {NAME_HELP}",
+                shown(volume)
+            )))
             }
         },
     };
@@ -233,6 +253,24 @@ mod tests {
         let long = format!("a-{}", "b".repeat(MAX_NAME_LEN));
         assert!(parse_volume(&long, None).is_err());
         assert!(parse_volume("x", Some("a/b")).is_err());
+    }
+
+    #[test]
+    fn errors_do_not_echo_huge_names() {
+        let huge = format!("a/{}", "x".repeat(1 << 20));
+        let msg = parse_volume(&huge, None).unwrap_err().to_string();
+        assert!(msg.len() < 2048, "{} bytes", msg.len());
+        assert!(msg.contains("bytes)") && msg.contains("m2-job41"), "{msg}");
+        let mut o = BTreeMap::new();
+        o.insert("k".repeat(1 << 20), "v".to_string());
+        assert!(VolumeOptions::parse(&o).unwrap_err().to_string().len() < 2048);
+        assert_eq!(
+            shown("é".repeat(70).as_str())
+                .chars()
+                .filter(|c| *c == 'é')
+                .count(),
+            64
+        );
     }
 
     #[test]

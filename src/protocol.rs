@@ -120,7 +120,20 @@ fn parse<T: for<'de> Deserialize<'de>>(ep: Endpoint, body: &[u8]) -> Result<T, E
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::BadRequest(format!("{ep:?} needs a JSON body")));
     }
-    serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("{ep:?}: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        // serde quotes the offending value: cut it, so a huge one does not come back whole.
+        let msg = e.to_string();
+        let msg = match msg.char_indices().nth(300) {
+            Some((i, _)) => format!(
+                "{}... (line {}, column {})",
+                &msg[..i],
+                e.line(),
+                e.column()
+            ),
+            None => msg,
+        };
+        Error::BadRequest(format!("{ep:?}: {msg}"))
+    })
 }
 
 fn volume_json(v: &VolumeInfo, with_status: bool) -> Value {
