@@ -72,6 +72,9 @@ enum Command {
             default_value = "/var/run/docker.sock"
         )]
         engine_socket: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9477); off by default.
+        #[arg(long, env = "CACHEDRIVER_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Try each backend here and say which one `auto` picks.
     Probe {
@@ -128,6 +131,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             commit_on,
             commit_on_unknown,
             engine_socket,
+            metrics,
         } => {
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
@@ -157,6 +161,9 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async move {
                 tokio::spawn(engine.follow());
+                if let Some(addr) = metrics {
+                    crate::metrics::serve(addr).await?;
+                }
                 let listener = crate::server::bind(&socket)?;
                 tracing::info!(socket = %socket.display(), root = %root.display(), backend = kind.as_str(),
                     commit = commit.as_str(), "serving");

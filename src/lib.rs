@@ -20,6 +20,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod init;
 pub mod ls;
+pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod preflight;
