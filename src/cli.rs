@@ -72,6 +72,9 @@ enum Command {
             default_value = "/var/run/docker.sock"
         )]
         engine_socket: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9477); off by default.
+        #[arg(long, env = "CACHEDRIVER_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
         /// Compact a cache's latest chain in the background once it is deeper than this.
         #[arg(long, env = "CACHEDRIVER_COMPACT_DEPTH", default_value_t = crate::compact::DEFAULT_DEPTH as u64,
             value_parser = clap::value_parser!(u64).range(1..=(crate::state::MAX_CHAIN as u64 - 1)))]
@@ -174,6 +177,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             compact_depth,
             max_size,
             max_idle,
+            metrics,
         } => {
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
@@ -212,6 +216,9 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             let served = rt.block_on(async move {
                 tokio::spawn(engine.follow());
+                if let Some(addr) = metrics {
+                    crate::metrics::serve(addr).await?;
+                }
                 let listener = crate::server::bind(&socket)?;
                 tracing::info!(socket = %socket.display(), root = %root.display(), backend = kind.as_str(),
                     commit = commit.as_str(), "serving");

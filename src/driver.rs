@@ -238,6 +238,7 @@ impl Driver {
     /// joins the running one. Returns the merged dir.
     pub fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         Self::check_mount_id(id)?;
+        let started = std::time::Instant::now();
         let (_lock, mut rec) = self.lock_volume(name)?;
         crate::budget::mark_used(&self.store, &rec.cache);
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
@@ -286,6 +287,8 @@ impl Driver {
                 }
                 tracing::info!(volume = name, id, base = %session.base, layers = session.lowers.len(),
                     backend = session.backend.as_str(), "session started");
+                let hit = session.lowers.iter().any(|l| l != "0");
+                crate::metrics::session_started(&rec.cache, hit, started.elapsed());
                 Ok(merged)
             }
             Err(e) => {
@@ -339,6 +342,15 @@ impl Driver {
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;
         self.store.save_volume(&rec)?;
+        crate::metrics::session_ended(
+            &rec.cache,
+            match &outcome {
+                Outcome::Committed { .. } => "committed",
+                Outcome::Empty => "empty",
+                Outcome::Discarded => "discarded",
+            },
+            t0.elapsed(),
+        );
         let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_micros() as u64;
         let (unmount_us, commit_us, record_us) =
             (us(t0, t1), us(t1, t2), us(t2, std::time::Instant::now()));

@@ -26,6 +26,7 @@ pub mod init;
 pub mod ls;
 pub mod maint_cli;
 pub mod maintenance;
+pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod preflight;

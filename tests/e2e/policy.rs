@@ -12,7 +12,12 @@ use anyhow::{ensure, Result};
 pub fn commit_on_success(h: &Harness, backend: Backend) -> Result<()> {
     let mut s = Scope::with_plugin(h, &format!("policy-{}", backend.as_str()), backend, None)?;
     let sock = h.dockerd.sock.display().to_string();
-    s.plugin_mut().restart_with(&["--engine-socket", &sock])?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    s.plugin_mut()
+        .restart_with(&["--engine-socket", &sock, "--metrics", &metrics])?;
     let name = s.plugin().name.clone();
     let create = |v: &str| -> Result<()> {
         h.docker_ok(&[
@@ -150,6 +155,40 @@ pub fn commit_on_success(h: &Harness, backend: Backend) -> Result<()> {
     ensure!(
         !log.contains("is unknown"),
         "a decision fell back to --commit-on-unknown although dockerd's events were followed"
+    );
+
+    // the numbers an operator watches, scraped with curl and parsed
+    let text = super::util::run(
+        std::process::Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")]),
+        std::time::Duration::from_secs(20),
+    )?
+    .check()?
+    .stdout;
+    let value = |name: &str, labels: &str| -> f64 {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(k, _)| k.starts_with(name) && labels.split(',').all(|lb| k.contains(lb)))
+            .filter_map(|(_, v)| v.parse::<f64>().ok())
+            .sum()
+    };
+    let discarded = value(
+        "cachedriver_sessions_ended_total",
+        "cache=\"pol\",outcome=\"discarded\"",
+    );
+    let committed = value(
+        "cachedriver_sessions_ended_total",
+        "cache=\"pol\",outcome=\"committed\"",
+    );
+    let started = value("cachedriver_sessions_started_total", "cache=\"pol\"");
+    let misses = value("cachedriver_sessions_started_total", "result=\"miss\"");
+    ensure!(
+        discarded >= 4.0 && committed >= 2.0 && started >= 7.0 && misses >= 1.0,
+        "metrics: discarded={discarded} committed={committed} started={started} misses={misses}:\n{text}"
+    );
+    ensure!(
+        value("cachedriver_unmount_seconds_count", "") >= 6.0,
+        "no unmount latency samples:\n{text}"
     );
 
     // refused at Create: a bad value, and success without a reachable engine
