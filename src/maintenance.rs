@@ -136,21 +136,43 @@ pub fn run_once(
             Ok(Some(rep)) => {
                 tracing::info!(cache = %c, depth_before = rep.depth_before, depth_after = rep.depth_after,
                     new_layer = %rep.new_layer, "compacted");
+                crate::metrics::compacted(c);
                 r.compacted.push(rep);
             }
             Ok(None) => {}
             Err(e) => err(&mut r, format!("compacting cache {c}: {e}")),
         }
         match gc_cache(store, c, false) {
-            Ok(g) => r.gc.push(g),
+            Ok(g) => {
+                crate::metrics::gc_freed(g.deleted.len() as u64, g.bytes_freed);
+                r.gc.push(g)
+            }
             Err(e) => err(&mut r, format!("gc of cache {c}: {e}")),
         }
+        // What `cachedriver_layers` / `cachedriver_bytes` report (layers are immutable, so the
+        // memo makes this a walk of new layers only).
+        let layers = store
+            .load_state(c)
+            .ok()
+            .flatten()
+            .map_or(0, |s| s.layers.len() as u64);
+        crate::metrics::cache_size(c, layers, budget::cache_usage(store, c, memo));
     }
     if let Err(e) = gc_store_leftovers(store, false) {
         err(&mut r, format!("removing dropped caches: {e}"));
     }
     match budget::enforce(store, &settings.policy, memo) {
-        Ok(ev) => r.evicted = ev,
+        Ok(ev) => {
+            for e in &ev {
+                let reason = if e.why.contains("idle") {
+                    "max-idle"
+                } else {
+                    "max-size"
+                };
+                crate::metrics::evicted(&e.cache, reason);
+            }
+            r.evicted = ev
+        }
         Err(e) => err(&mut r, format!("disk budget: {e}")),
     }
     r
