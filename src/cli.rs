@@ -162,6 +162,14 @@ fn own_exe() -> anyhow::Result<PathBuf> {
 
 /// Runs the command line; `args` includes the program name.
 pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    // `docker plugin set NAME CACHEDRIVER_MAX_SIZE=` (and the managed plugin's declared
+    // defaults) pass settings as empty strings: empty means unset, not an invalid value.
+    // Still single-threaded here, so changing the environment is sound.
+    for (k, v) in std::env::vars_os() {
+        if v.is_empty() && k.to_string_lossy().starts_with("CACHEDRIVER_") {
+            std::env::remove_var(&k);
+        }
+    }
     let cli = Cli::parse_from(args);
     init_logging();
     let _failpoints = crate::failpoint::setup();
