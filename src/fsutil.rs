@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
@@ -41,7 +41,8 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// Creates a directory and its parents, fsyncing each new directory's parent.
+/// Creates a directory and its parents (each new one 0700: store dirs are root-only, see
+/// [`crate::perms`]), fsyncing each new directory's parent.
 pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
@@ -49,7 +50,10 @@ pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
     if let Some(parent) = dir.parent() {
         create_dir_all_durable(parent)?;
     }
-    match fs::create_dir(dir) {
+    match fs::DirBuilder::new()
+        .mode(crate::perms::PRIVATE_DIR_MODE)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(crate::error::Error::io("creating directory", dir, e)),

@@ -108,8 +108,18 @@ pub fn detach_stdio() {
 
 /// Writes our pid to `path` atomically.
 pub fn write_pidfile(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp-cdf");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    // 0600 whatever our umask (the server runs with umask 0); never through a planted link.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 
