@@ -5,9 +5,9 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 /// Undoes mountinfo's `\ooo` escapes (space, tab, newline and backslash); anything that is not
-/// exactly three octal digits after a backslash stays as it is.
-fn unescape_mountinfo(s: &str) -> PathBuf {
-    let b = s.as_bytes();
+/// exactly three octal digits after a backslash stays as it is. Paths are bytes: invalid UTF-8
+/// is kept as it is.
+fn unescape_mountinfo(b: &[u8]) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -28,7 +28,6 @@ fn unescape_mountinfo(s: &str) -> PathBuf {
         out.push(b[i]);
         i += 1;
     }
-    // Paths are bytes: keep invalid UTF-8 as it is instead of replacing it.
     PathBuf::from(OsString::from_vec(out))
 }
 
@@ -38,16 +37,19 @@ pub fn mount_table() -> Vec<(PathBuf, String)> {
     let Ok(info) = std::fs::read("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    parse_mountinfo(&String::from_utf8_lossy(&info))
+    parse_mountinfo(&info)
 }
 
-fn parse_mountinfo(info: &str) -> Vec<(PathBuf, String)> {
-    info.lines()
+fn parse_mountinfo(info: &[u8]) -> Vec<(PathBuf, String)> {
+    info.split(|b| *b == b'\n')
         .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
+            let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+            let sep = fields.iter().position(|f| *f == b"-")?;
             let (point, fstype) = (fields.get(4)?, fields.get(sep + 1)?);
-            Some((unescape_mountinfo(point), fstype.to_string()))
+            Some((
+                unescape_mountinfo(point),
+                String::from_utf8_lossy(fstype).into_owned(),
+            ))
         })
         .collect()
 }
@@ -65,21 +67,26 @@ pub fn mount_fstype(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), Path::new("/a b"));
-        assert_eq!(unescape_mountinfo("/plain"), Path::new("/plain"));
-        assert_eq!(unescape_mountinfo("/x\\134y"), Path::new("/x\\y"));
-        assert_eq!(unescape_mountinfo("/nl\\012"), Path::new("/nl\n"));
-        assert_eq!(unescape_mountinfo("/short\\04"), Path::new("/short\\04"));
-        assert_eq!(unescape_mountinfo("/big\\777"), Path::new("/big\\777"));
+        assert_eq!(unescape_mountinfo(b"/a\\040b"), Path::new("/a b"));
+        assert_eq!(unescape_mountinfo(b"/plain"), Path::new("/plain"));
+        assert_eq!(unescape_mountinfo(b"/x\\134y"), Path::new("/x\\y"));
+        assert_eq!(unescape_mountinfo(b"/nl\\012"), Path::new("/nl\n"));
+        assert_eq!(unescape_mountinfo(b"/short\\04"), Path::new("/short\\04"));
+        assert_eq!(unescape_mountinfo(b"/big\\777"), Path::new("/big\\777"));
+        assert_eq!(
+            unescape_mountinfo(b"/bad\xff"),
+            Path::new(std::ffi::OsStr::from_bytes(b"/bad\xff"))
+        );
     }
 
     #[test]
     fn parses_lines_with_optional_fields() {
         let t = parse_mountinfo(
-            "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+            b"22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
              40 22 0:40 / /mnt/a\\040b rw - fuse.cachedriver-fuse overlay rw\n",
         );
         assert_eq!(t[0], (PathBuf::from("/"), "ext4".to_string()));
