@@ -9,6 +9,9 @@ use std::path::Path;
 
 use cachedriver_common::tree::{remove_tree, tree_usage, walk, Walk};
 
+/// The descriptor limit is process-wide: the tests here take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn open_dir(dirfd: i32, name: &std::ffi::CStr) -> OwnedFd {
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: valid C string.
@@ -45,6 +48,7 @@ fn set_soft_nofile(n: u64) -> u64 {
 
 #[test]
 fn hostile_shapes_with_32_descriptors() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = tempfile::tempdir().unwrap();
     let top = t.path().join("top");
     std::fs::create_dir(&top).unwrap();
@@ -81,6 +85,7 @@ fn hostile_shapes_with_32_descriptors() {
 
 #[test]
 fn never_descends_into_a_mount() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !nix_is_root() {
         eprintln!("*** never_descends_into_a_mount: SKIPPED: mounting a tmpfs needs root ***");
         assert!(
