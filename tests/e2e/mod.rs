@@ -5,7 +5,8 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`],
+//!   [`store_perms`].
 
 pub mod daemon;
 pub mod harness;
@@ -15,6 +16,7 @@ pub mod plugin;
 pub mod podman;
 pub mod restart;
 pub mod sessions;
+pub mod store_perms;
 pub mod util;
 pub mod walkthrough;
 
