@@ -14,6 +14,9 @@
 //!   `STATX_ATTR_MOUNT_ROOT` attribute are checked on every directory opened): removal refuses
 //!   to descend into a mount point, a walk skips it.
 //!
+//! Immutable and append-only flags (`chattr +i`/`+a`, which a privileged container can set)
+//! are cleared where they block a removal, on regular files and directories only.
+//!
 //! Memory is bounded by the names of the directories still to visit on the current path (each
 //! directory is listed once into its frame), not by descriptors or stack depth.
 
@@ -125,6 +128,77 @@ fn open_dir_at(dirfd: RawFd, name: &CStr) -> io::Result<OwnedFd> {
 fn unlink_at(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: valid C string.
     cvt(unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) }).map(|_| ())
+}
+
+/// `chattr +i` / `+a` (a privileged container can set them through overlayfs): an inode with
+/// either refuses unlink, and a directory with either refuses removing its entries.
+const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+const FS_APPEND_FL: libc::c_int = 0x20;
+
+/// Clears the immutable and append-only flags of the open regular file or directory `fd`;
+/// true when it cleared any.
+fn clear_flags_fd(fd: RawFd) -> bool {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the kernel reads and writes an int for these ioctls; the pointer is valid.
+    unsafe {
+        if libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
+            return false;
+        }
+        if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL) == 0 {
+            return false;
+        }
+        flags &= !(FS_IMMUTABLE_FL | FS_APPEND_FL);
+        libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags) == 0
+    }
+}
+
+/// [`clear_flags_fd`] for `name` in `dirfd`, only if it is a regular file or a directory (an
+/// ioctl on a device node would reach its driver) and still the inode we stat'ed.
+fn clear_flags_at(dirfd: RawFd, name: &CStr) -> bool {
+    let Ok(st) = stat_at(dirfd, name) else {
+        return false;
+    };
+    let fmt = st.mode & libc::S_IFMT;
+    if fmt != libc::S_IFREG && fmt != libc::S_IFDIR {
+        return false;
+    }
+    let flags =
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: valid C string; the fd returned is owned below.
+    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: openat returned a fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    match stat_at(fd.as_raw_fd(), c"") {
+        Ok(now) if now.same_inode(&st) && now.mode & libc::S_IFMT == fmt => {
+            clear_flags_fd(fd.as_raw_fd())
+        }
+        _ => false,
+    }
+}
+
+/// `unlinkat`, and on EPERM once more after clearing immutable/append-only flags from the entry
+/// and (with `dir_is_ours`, where `dirfd` is a directory inside the tree) from `dirfd` itself.
+fn unlink_forced(
+    dirfd: RawFd,
+    name: &CStr,
+    flags: libc::c_int,
+    dir_in_tree: bool,
+) -> io::Result<()> {
+    match unlink_at(dirfd, name, flags) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let entry = clear_flags_at(dirfd, name);
+            let dir = dir_in_tree && clear_flags_fd(dirfd);
+            if entry || dir {
+                unlink_at(dirfd, name, flags)
+            } else {
+                Err(e)
+            }
+        }
+        r => r,
+    }
 }
 
 /// Every entry of the directory `fd` except `.` and `..`, with its `d_type`, read with raw
@@ -245,7 +319,7 @@ fn climb(cur: &OwnedFd, frames: &[Frame]) -> io::Result<OwnedFd> {
 pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
     let st = stat_at(dirfd, name)?;
     if !st.is_dir() {
-        return unlink_at(dirfd, name, 0);
+        return unlink_forced(dirfd, name, 0, false);
     }
     let parent = stat_at(dirfd, c"")?;
     if st.is_other_mount(&parent) {
@@ -290,7 +364,7 @@ pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
                         subdirs.push(child);
                         continue;
                     }
-                    match unlink_at(cur.as_raw_fd(), &child, 0) {
+                    match unlink_forced(cur.as_raw_fd(), &child, 0, true) {
                         Ok(()) => {}
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                         // DT_UNKNOWN (some filesystems) or swapped for a directory.
@@ -314,7 +388,7 @@ pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 // A symlink or file now stands there: remove the entry, follow nothing.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
-                    match unlink_at(cur.as_raw_fd(), &child, 0) {
+                    match unlink_forced(cur.as_raw_fd(), &child, 0, true) {
                         Ok(()) => continue,
                         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                         Err(e) => return Err(e),
@@ -351,7 +425,7 @@ pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
             if !again.same_inode(&done.id) {
                 return Err(raced(&[done], "the directory"));
             }
-            return unlink_at(dirfd, name, libc::AT_REMOVEDIR);
+            return unlink_forced(dirfd, name, libc::AT_REMOVEDIR, false);
         }
         cur = climb(&cur, &frames)?;
         let again = stat_at(cur.as_raw_fd(), &done.name)?;
@@ -359,7 +433,7 @@ pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
             frames.push(done);
             return Err(raced(&frames, "the directory"));
         }
-        unlink_at(cur.as_raw_fd(), &done.name, libc::AT_REMOVEDIR)?;
+        unlink_forced(cur.as_raw_fd(), &done.name, libc::AT_REMOVEDIR, true)?;
     }
 }
 
@@ -601,6 +675,44 @@ mod tests {
         assert!(target.join("f").exists());
         let err = remove_tree_at(libc::AT_FDCWD, c"/nonexistent-x/y").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn immutable_and_append_only_entries_are_removed() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("*** immutable_and_append_only_entries_are_removed: SKIPPED: needs root ***");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let top = t.path().join("top");
+        std::fs::create_dir_all(top.join("ad")).unwrap();
+        std::fs::write(top.join("imm"), b"x").unwrap();
+        std::fs::write(top.join("ad/f"), b"x").unwrap();
+        let set = |p: &Path, fl: libc::c_int| {
+            let f = std::fs::File::open(p).unwrap();
+            let mut flags: libc::c_int = 0;
+            // SAFETY: int-sized flags, valid pointer.
+            unsafe {
+                assert_eq!(
+                    libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags),
+                    0
+                );
+                flags |= fl;
+                libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) == 0
+            }
+        };
+        if !set(&top.join("imm"), FS_IMMUTABLE_FL) {
+            eprintln!("*** immutable flags unsupported here: SKIPPED ***");
+            return;
+        }
+        assert!(set(&top.join("ad"), FS_APPEND_FL));
+        assert!(set(&top.join("ad/f"), FS_IMMUTABLE_FL));
+        assert!(
+            std::fs::remove_file(top.join("imm")).is_err(),
+            "really immutable"
+        );
+        remove_tree(&top).unwrap();
+        assert!(!top.exists());
     }
 
     #[test]
