@@ -156,6 +156,21 @@ fn init_logging() {
         .try_init();
 }
 
+/// Raises RLIMIT_NOFILE before serving: removing and walking container trees, and many
+/// sessions at once, must not stop at the default 1024 descriptors.
+fn raise_nofile_limit() {
+    match cachedriver_common::rlimit::raise_nofile() {
+        Ok(l) => tracing::info!(
+            soft_before = l.soft_before,
+            soft = l.soft,
+            hard_before = l.hard_before,
+            hard = l.hard,
+            "RLIMIT_NOFILE raised"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
+}
+
 fn own_exe() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("finding our own binary (needed to start FUSE servers)")
 }
@@ -189,6 +204,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         } => {
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
+            raise_nofile_limit();
             let exe = own_exe()?;
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;

@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
@@ -51,7 +51,8 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// Creates a directory and its parents, fsyncing each new directory's parent.
+/// Creates a directory and its parents (each new one 0700: store dirs are root-only, see
+/// [`crate::perms`]), fsyncing each new directory's parent.
 pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
@@ -59,7 +60,10 @@ pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
     if let Some(parent) = dir.parent() {
         create_dir_all_durable(parent)?;
     }
-    match fs::create_dir(dir) {
+    match fs::DirBuilder::new()
+        .mode(crate::perms::PRIVATE_DIR_MODE)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(crate::error::Error::io("creating directory", dir, e)),
@@ -85,61 +89,26 @@ pub fn dir_is_empty(dir: &Path) -> Result<bool> {
         .is_none())
 }
 
-/// Removes a tree if it exists. `std::fs::remove_dir_all` never follows symlinks (it opens with
-/// `O_NOFOLLOW` and works relative to directory fds), which matters for container-written dirs.
+/// Removes a file or tree if it exists, never following symlinks below `path`, with O(1)
+/// descriptors and no recursion whatever the depth, and never descending into another mount
+/// (see `cachedriver_common::tree`).
 pub fn remove_tree(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::error::Error::io("inspecting", path, e)),
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path).ctx("removing directory tree", path),
-        Ok(_) => fs::remove_file(path).ctx("removing file", path),
-    }
+    cachedriver_common::tree::remove_tree(path).ctx("removing tree", path)
 }
 
 /// Sums the allocated size and entry count of a tree, without following symlinks or crossing
-/// into other filesystems.
+/// into other mounts; iterative with O(1) descriptors (`cachedriver_common::tree::walk`).
 pub fn tree_usage(path: &Path) -> (u64, u64) {
-    fn walk(p: &Path, dev: u64, acc: &mut (u64, u64)) {
-        let Ok(rd) = fs::read_dir(p) else { return };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            acc.0 += m.blocks() * 512;
-            acc.1 += 1;
-            if m.is_dir() && m.dev() == dev {
-                walk(&e.path(), dev, acc);
-            }
-        }
-    }
-    let mut acc = (0, 0);
-    if let Ok(m) = fs::symlink_metadata(path) {
-        if m.is_dir() {
-            walk(path, m.dev(), &mut acc);
-        }
-    }
-    acc
+    let u = cachedriver_common::tree::tree_usage(path);
+    (u.bytes, u.entries)
 }
 
-/// True when this process runs in a user namespace (its uid map is not the full identity map),
-/// as under rootless Docker or Podman. Overlay then needs `userxattr` and `user.` markers.
-pub fn in_user_namespace() -> bool {
-    match fs::read_to_string("/proc/self/uid_map") {
-        Ok(m) => {
-            let f: Vec<&str> = m.split_whitespace().collect();
-            f != ["0", "0", "4294967295"]
-        }
-        Err(_) => false,
-    }
-}
+/// True when this process runs in a user namespace (one home: `cachedriver_common::userns`).
+pub use cachedriver_common::userns::in_user_namespace;
 
-/// The filesystem type mounted at exactly `path`, if `path` is a mount point in our namespace
-/// (the topmost mount when several are stacked there).
-pub fn mount_fstype(path: &Path) -> Option<String> {
-    cachedriver_fuse::mount_table()
-        .into_iter()
-        .rev()
-        .find(|(point, _)| point == path)
-        .map(|(_, fstype)| fstype)
-}
+/// The filesystem type mounted at exactly `path`, if it is a mount point in our namespace (the
+/// topmost of stacked mounts; one home: `cachedriver_common::mounts`).
+pub use cachedriver_common::mounts::mount_fstype;
 
 /// Current time as RFC 3339 UTC (`2026-11-25T02:16:34Z`), for state files and `docker volume inspect`.
 pub fn now_rfc3339() -> String {

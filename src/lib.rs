@@ -2,6 +2,7 @@
 //! of a shared cache and commits the container's changes back into the cache when it stops.
 //!
 //! - [`names`]: volume names and options, validated before they become paths.
+//! - [`perms`]: every store dir root-only.
 //! - [`state`], [`store`]: the on-disk layout, cache state and the volume registry.
 //! - [`commit`]: O(1) promotion of a session's upper dir to a layer.
 //! - [`backend`]: kernel overlayfs and the FUSE union filesystem behind one trait.
@@ -28,6 +29,7 @@ pub mod maint_cli;
 pub mod maintenance;
 pub mod metrics;
 pub mod names;
+pub mod perms;
 pub mod policy;
 pub mod preflight;
 pub mod probe;

@@ -18,34 +18,9 @@ pub const FORMAT: u32 = 2;
 /// The kernel refuses more lower layers than this in one overlay mount.
 pub const MAX_CHAIN: usize = 500;
 
-/// Which xattr namespace a store's overlay markers (opaque dirs) use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XattrNs {
-    /// `trusted.overlay.*`: real root.
-    Trusted,
-    /// `user.overlay.*`: inside a user namespace (`userxattr`).
-    User,
-}
-
-impl XattrNs {
-    /// The namespace this process can use: `user` inside a user namespace, else `trusted`.
-    pub fn for_this_process() -> Self {
-        if crate::fsutil::in_user_namespace() {
-            XattrNs::User
-        } else {
-            XattrNs::Trusted
-        }
-    }
-
-    /// The option value (`trusted` or `user`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            XattrNs::Trusted => "trusted",
-            XattrNs::User => "user",
-        }
-    }
-}
+/// Which xattr namespace a store's overlay markers (opaque dirs) use; serialised as
+/// `"trusted"`/`"user"` (one home: `cachedriver_common::xattr`).
+pub use cachedriver_common::XattrNs;
 
 /// `state` object: the seed's key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

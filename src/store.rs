@@ -9,7 +9,7 @@
 //! <root>/volumes/<volume>.json             the volume registry (one file per volume)
 //! ```
 //! Every write here is crash-safe (temp, fsync, rename, fsync dir). Names reaching this module
-//! have been validated by [`crate::names`].
+//! have been validated by [`crate::names`]. Every dir is root-only ([`crate::perms`]).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -134,9 +134,11 @@ impl Store {
                 .join(root)
         };
         let s = Store { root };
-        for d in ["lower", "upper", "work", "merged", "volumes"] {
+        for d in crate::perms::TOP_DIRS {
             create_dir_all_durable(&s.root.join(d))?;
         }
+        // Root-only, also for a store an earlier version made with 0755 dirs.
+        crate::perms::secure_store(&s.root)?;
         Ok(s)
     }
 

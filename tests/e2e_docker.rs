@@ -28,7 +28,9 @@ mod e2e;
 use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
-use e2e::{managed, parity, podman, policy, restart, sessions, util, walkthrough, Harness};
+use e2e::{
+    managed, parity, podman, policy, restart, sessions, store_perms, util, walkthrough, Harness,
+};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
@@ -73,6 +75,10 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
         v.push((
             format!("restart-while-mounted-{n}"),
             Box::new(move |h: &Harness| restart::restart_while_mounted(h, b)),
+        ));
+        v.push((
+            format!("store-perms-{n}"),
+            Box::new(move |h: &Harness| store_perms::store_perms(h, b)),
         ));
         v.push((
             format!("podman-{n}"),

@@ -1,10 +1,13 @@
 //! Process plumbing: daemonising so that the command returns only once the mount is ready,
-//! the readiness pipe, the pid file, mountpoint checks and signal-driven unmount.
+//! the readiness pipe, the pid file, mountpoint checks and signal-driven unmount. (The mount
+//! table reader is `cachedriver_common::mounts`.)
 
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use cachedriver_common::mounts::mount_table;
 
 /// Reports the outcome of mounting to the waiting parent (if any): once, one line.
 pub struct Ready {
@@ -105,8 +108,18 @@ pub fn detach_stdio() {
 
 /// Writes our pid to `path` atomically.
 pub fn write_pidfile(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp-cdf");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    // 0600 whatever our umask (the server runs with umask 0); never through a planted link.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 
@@ -117,43 +130,6 @@ pub fn remove_pidfile(path: &Path) {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The mount table of this process's namespace: (mount point, filesystem type) per line of
-/// `/proc/self/mountinfo`, in order (a later entry for a path is mounted on top of an earlier one).
-pub fn mount_table() -> Vec<(PathBuf, String)> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let (point, fstype) = (fields.get(4)?, fields.get(sep + 1)?);
-            Some((PathBuf::from(unescape_mountinfo(point)), fstype.to_string()))
-        })
-        .collect()
 }
 
 /// Checks the mountpoint: an existing directory, not already one of our mounts. Returns its
@@ -265,13 +241,6 @@ pub fn spawn_signal_thread(set: nix::sys::signal::SigSet, mountpoint: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
-    }
 
     #[test]
     fn mountpoint_must_be_a_dir() {

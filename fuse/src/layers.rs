@@ -232,36 +232,22 @@ impl Layers {
 }
 
 /// Whether a tree holds any `.wh.`-prefixed name. Gives up (answers yes) after `budget`
-/// entries, so a huge pre-existing upper costs a bounded scan.
+/// entries or on any error, so a huge or odd pre-existing upper costs a bounded scan (an
+/// iterative walk with O(1) descriptors, whatever the depth).
 fn tree_has_wh_names(dirfd: RawFd, budget: usize) -> bool {
+    use cachedriver_common::tree::{walk, Walk};
     let mut budget = budget;
-    fn walk(dirfd: RawFd, budget: &mut usize) -> bool {
-        let Ok(d) = sys::reopen_dir(dirfd) else {
-            return true;
-        };
-        let Ok(entries) = sys::list_dir(d) else {
-            return true;
-        };
-        for (name, dtype) in entries {
-            if *budget == 0 || whiteout::is_reserved_name(&name) {
-                return true;
-            }
-            *budget -= 1;
-            if dtype == libc::DT_DIR {
-                let Ok(c) = CString::new(name) else {
-                    return true;
-                };
-                let Ok(sub) = sys::openat(dirfd, &c, libc::O_PATH | libc::O_DIRECTORY, 0) else {
-                    return true;
-                };
-                if walk(sub.as_raw_fd(), budget) {
-                    return true;
-                }
-            }
+    let mut found = false;
+    let top = PathBuf::from(format!("/proc/self/fd/{dirfd}"));
+    let r = walk(&top, |e| {
+        if budget == 0 || whiteout::is_reserved_name(e.name.to_bytes()) {
+            found = true;
+            return Walk::Stop;
         }
-        false
-    }
-    walk(dirfd, &mut budget)
+        budget -= 1;
+        Walk::Continue
+    });
+    found || r.is_err()
 }
 
 /// Creates `WORKDIR/work` (as the kernel does) and empties it of leftovers from a crash.
@@ -284,21 +270,9 @@ fn prepare_workdir(wfd: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Removes `name` in `dirfd` recursively, never following symlinks.
-pub fn remove_tree(dirfd: RawFd, name: &CStr) -> io::Result<()> {
-    let st = sys::fstatat(dirfd, name)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return sys::unlinkat(dirfd, name, 0);
-    }
-    let sub = sys::openat(dirfd, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let subfd = sys::openat(sub.as_raw_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0)?;
-    for (child, _) in sys::list_dir(sub)? {
-        if let Ok(c) = CString::new(child) {
-            remove_tree(subfd.as_raw_fd(), &c)?;
-        }
-    }
-    sys::unlinkat(dirfd, name, libc::AT_REMOVEDIR)
-}
+/// Removes `name` in `dirfd` (a file or a whole tree), never following symlinks, with O(1)
+/// descriptors and no recursion (one home: `cachedriver_common::tree`).
+pub use cachedriver_common::tree::remove_tree_at as remove_tree;
 
 /// One entry of a merged directory listing.
 #[derive(Debug, Clone)]

@@ -14,7 +14,8 @@ mod sys;
 mod union;
 pub mod whiteout;
 
-pub use daemon::mount_table;
+/// The mount table reader lives in `cachedriver_common::mounts`; re-exported for old callers.
+pub use cachedriver_common::mounts::mount_table;
 
 use std::ffi::OsString;
 
@@ -73,7 +74,7 @@ pub fn cli_main(args: Vec<OsString>) -> i32 {
             return 1;
         }
     };
-    let userns = options::in_user_namespace();
+    let userns = cachedriver_common::userns::in_user_namespace();
     let ns = opts.xattr.unwrap_or(if userns {
         XattrNs::User
     } else {
@@ -86,7 +87,17 @@ pub fn cli_main(args: Vec<OsString>) -> i32 {
             return 1;
         }
     };
-    sys::raise_nofile_limit();
+    // Open files and directories of every container using the mount are descriptors here.
+    match cachedriver_common::rlimit::raise_nofile() {
+        Ok(l) => tracing::info!(
+            "RLIMIT_NOFILE soft {} -> {}, hard {} -> {}",
+            l.soft_before,
+            l.soft,
+            l.hard_before,
+            l.hard
+        ),
+        Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
     // Modes from the kernel are already umasked; ours must not mask them again.
     // SAFETY: trivial syscall.
     unsafe { libc::umask(0) };

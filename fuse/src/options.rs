@@ -336,16 +336,8 @@ pub fn parse(args: &[OsString]) -> Result<Options, OptionError> {
     Ok(o)
 }
 
-/// Whether we run inside a user namespace (uid_map is not the full identity map).
-pub fn in_user_namespace() -> bool {
-    match std::fs::read_to_string("/proc/self/uid_map") {
-        Ok(s) => {
-            let fields: Vec<&str> = s.split_whitespace().collect();
-            fields != ["0", "0", "4294967295"]
-        }
-        Err(_) => false,
-    }
-}
+/// Whether we run inside a user namespace (one home: `cachedriver_common::userns`).
+pub use cachedriver_common::userns::in_user_namespace;
 
 #[cfg(test)]
 mod tests {

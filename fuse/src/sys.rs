@@ -489,18 +489,6 @@ pub fn list_dir(fd: OwnedFd) -> io::Result<Vec<(Vec<u8>, u8)>> {
     }
 }
 
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit (O_PATH fds count against it).
-pub fn raise_nofile_limit() {
-    // SAFETY: rlimit is plain old data; pointers valid.
-    unsafe {
-        let mut rl: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        }
-    }
-}
-
 /// The current soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> u64 {
     // SAFETY: rlimit is plain old data.

@@ -12,27 +12,9 @@ pub const WH_PREFIX: &[u8] = b".wh.";
 /// The marker file some tools put in an opaque directory.
 pub const OPAQUE_FILE: &[u8] = b".wh..wh..opq";
 
-/// The xattr namespace our opaque markers are written in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XattrNs {
-    /// `trusted.overlay.*` (real root, as the kernel writes by default).
-    Trusted,
-    /// `user.overlay.*` (user namespaces, the kernel's `userxattr`).
-    User,
-}
-
-impl XattrNs {
-    /// The opaque-marker xattr name in this namespace.
-    pub fn opaque_name(self) -> &'static std::ffi::CStr {
-        match self {
-            XattrNs::Trusted => c"trusted.overlay.opaque",
-            XattrNs::User => c"user.overlay.opaque",
-        }
-    }
-}
-
-/// Both opaque xattr names, read in every layer whatever namespace we write.
-pub const OPAQUE_XATTRS: [&std::ffi::CStr; 2] = [c"trusted.overlay.opaque", c"user.overlay.opaque"];
+/// The xattr namespace our opaque markers are written in, and both opaque xattr names (read in
+/// every layer whatever namespace we write): one definition, in `cachedriver_common::xattr`.
+pub use cachedriver_common::xattr::{XattrNs, OPAQUE_XATTRS};
 
 /// Whether a stat result is a kernel-format whiteout (char device 0/0).
 pub fn is_whiteout(st: &libc::stat) -> bool {

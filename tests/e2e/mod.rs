@@ -5,7 +5,8 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`], [`policy`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`],
+//!   [`policy`], [`store_perms`].
 
 pub mod daemon;
 pub mod harness;
@@ -17,6 +18,7 @@ pub mod podman;
 pub mod policy;
 pub mod restart;
 pub mod sessions;
+pub mod store_perms;
 pub mod util;
 pub mod walkthrough;
 

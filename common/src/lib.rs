@@ -1,0 +1,17 @@
+//! cachedriver-common: the helpers both the plugin (`cachedriver`) and the FUSE union filesystem
+//! (`cachedriver-fuse`) need, each kept in one place.
+//!
+//! - [`mounts`]: this namespace's mount table (`/proc/self/mountinfo`).
+//! - [`userns`]: whether we run inside a user namespace.
+//! - [`xattr`]: which xattr namespace overlay markers use.
+//! - [`tree`]: removing and walking container-written trees without following symlinks, with
+//!   O(1) descriptors and no call recursion.
+//! - [`rlimit`]: raising RLIMIT_NOFILE at startup.
+
+pub mod mounts;
+pub mod rlimit;
+pub mod tree;
+pub mod userns;
+pub mod xattr;
+
+pub use xattr::XattrNs;

@@ -1,0 +1,147 @@
+//! A driver over a temp root on every backend that works here, for integration tests
+//! (`#[path = "support/driver_fixture.rs"] mod driver_fixture;`). Without root or a backend the
+//! tests say so loudly, and under `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` that is a failure.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cachedriver::backend::BackendKind;
+use cachedriver::driver::{Config, Driver};
+use cachedriver::names::CommitMode;
+use cachedriver::store::Store;
+
+/// Whether a test that cannot run must fail instead of skipping.
+pub fn strict() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Fails under [`strict`], else says loudly that `what` is skipped and why.
+pub fn skip(what: &str, why: &str) {
+    let msg = format!("{what}: SKIPPED: {why}");
+    assert!(!strict(), "{msg} (required here)");
+    eprintln!("\n*** {msg} ***\n");
+}
+
+/// Our binary (serves FUSE mounts).
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
+}
+
+/// Whether we run as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Backends usable here; loud (or fatal under CI) about the ones that are not.
+pub fn backends(test: &str) -> Vec<BackendKind> {
+    if !is_root() {
+        skip(test, "mounting overlays needs root");
+        return vec![];
+    }
+    let probe_root = tempfile::tempdir().expect("tempdir");
+    let report = cachedriver::probe::probe(probe_root.path(), &exe());
+    let mut out = vec![];
+    match &report.kernel {
+        Ok(()) => out.push(BackendKind::Kernel),
+        Err(e) => skip(&format!("{test} (kernel backend)"), e),
+    }
+    match &report.fuse {
+        Ok(()) => out.push(BackendKind::Fuse),
+        Err(e) => skip(&format!("{test} (fuse backend)"), e),
+    }
+    out
+}
+
+/// A driver over `root`; unmounts anything left under `root/merged` on drop.
+pub struct Fixture {
+    /// The store root.
+    pub root: PathBuf,
+    /// The driver.
+    pub driver: Driver,
+    /// Its backend.
+    pub kind: BackendKind,
+    /// The default commit mode.
+    pub mode: CommitMode,
+}
+
+impl Fixture {
+    /// A driver on `root` (created if needed).
+    pub fn at(root: &Path, kind: BackendKind, mode: CommitMode) -> Self {
+        let driver = Self::driver_at(root, kind, mode);
+        Fixture {
+            root: root.to_path_buf(),
+            driver,
+            kind,
+            mode,
+        }
+    }
+
+    fn driver_at(root: &Path, kind: BackendKind, mode: CommitMode) -> Driver {
+        let store = Store::open(root).expect("store");
+        Driver::new(
+            store,
+            Config {
+                backend: kind,
+                commit: mode,
+                exe: exe(),
+            },
+        )
+        .expect("driver")
+    }
+
+    /// A new driver on the same root, as after a plugin restart (opening the store again).
+    pub fn restart(&mut self) {
+        self.driver = Self::driver_at(&self.root, self.kind, self.mode);
+    }
+
+    /// Creates a volume.
+    pub fn create(&self, name: &str, opts: &[(&str, &str)]) {
+        let o: BTreeMap<String, String> = opts
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.driver.create(name, &o).expect("create");
+    }
+
+    /// Mounts a volume for mount ID `id`.
+    pub fn mount(&self, name: &str, id: &str) -> PathBuf {
+        self.driver
+            .mount(name, id)
+            .unwrap_or_else(|e| panic!("mount {name}: {e}"))
+    }
+
+    /// Unmounts (and on the last, commits).
+    pub fn unmount(&self, name: &str, id: &str) {
+        self.driver
+            .unmount(name, id)
+            .unwrap_or_else(|e| panic!("unmount {name}: {e}"))
+    }
+
+    /// The cache's `state.latest`.
+    pub fn latest(&self, cache: &str) -> String {
+        let p = self.root.join("lower").join(cache).join("cache-state.json");
+        let s: serde_json::Value =
+            serde_json::from_slice(&fs::read(&p).expect("state")).expect("json");
+        s["state"]["latest"].as_str().expect("latest").to_string()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let merged = self.root.join("merged");
+        let prefix = merged.to_string_lossy().to_string();
+        let mut points: Vec<PathBuf> = cachedriver_common::mounts::mount_table()
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.to_string_lossy().starts_with(&prefix))
+            .collect();
+        points.sort();
+        points.reverse();
+        for m in points {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
