@@ -245,6 +245,18 @@ impl UsageMemo {
     }
 }
 
+/// Disk that the layers of one snapshot chain take, each inode counted once (a scope's size).
+pub fn chain_usage(store: &Store, cache: &str, chain: &[String], memo: &mut UsageMemo) -> u64 {
+    let mut seen = BTreeSet::new();
+    let mut inodes: InodeMap = HashMap::new();
+    for l in chain {
+        for i in memo.layer(&store.layer_dir(cache, l), &mut seen).iter() {
+            inodes.insert((i.dev, i.ino), i.bytes);
+        }
+    }
+    inodes.values().sum()
+}
+
 /// Disk that `cache`'s layers take, each inode counted once.
 pub fn cache_usage(store: &Store, cache: &str, memo: &mut UsageMemo) -> u64 {
     memo.cache_inodes(store, cache).values().sum()
@@ -431,9 +443,47 @@ pub fn enforce(store: &Store, policy: &Policy, memo: &mut UsageMemo) -> Result<V
             !evict(c, why, &mut out)
         });
     }
+    // Scopes go before whole caches: an idle pull request's scope is cheaper to lose than the
+    // cache `main` builds from.
+    if let Some(idle) = policy.max_idle {
+        for (_, c) in &caches {
+            for (scope, updated) in scopes_oldest_first(store, c) {
+                let age = now.duration_since(updated).unwrap_or_default();
+                if age > idle {
+                    let why = format!(
+                        "scope unused for {} (--max-idle {})",
+                        human_duration(age),
+                        human_duration(idle)
+                    );
+                    evict_scope(store, c, &scope, why, &mut out);
+                }
+            }
+        }
+    }
     let Some(max) = policy.max_size else {
         return Ok(out);
     };
+    let mut scopes: Vec<(SystemTime, String, String)> = caches
+        .iter()
+        .flat_map(|(_, c)| {
+            scopes_oldest_first(store, c)
+                .into_iter()
+                .map(move |(s, t)| (t, c.clone(), s))
+        })
+        .collect();
+    scopes.sort();
+    for (_, c, scope) in scopes {
+        let total = store_usage(store, &caches, memo);
+        if total <= max {
+            break;
+        }
+        let why = format!(
+            "disk use {} over --max-size {} (idle scopes first, least recently updated first)",
+            crate::ls::human(total),
+            crate::ls::human(max)
+        );
+        evict_scope(store, &c, &scope, why, &mut out);
+    }
     // inode -> (bytes, number of caches holding it)
     let mut all: HashMap<(u64, u64), (u64, u32)> = HashMap::new();
     let mut per: Vec<(SystemTime, String, InodeMap)> = Vec::new();
@@ -478,6 +528,62 @@ pub fn enforce(store: &Store, policy: &Policy, memo: &mut UsageMemo) -> Result<V
         );
     }
     Ok(out)
+}
+
+/// Disk all `caches` take together, each inode once.
+fn store_usage(store: &Store, caches: &[(SystemTime, String)], memo: &mut UsageMemo) -> u64 {
+    let mut all: HashMap<(u64, u64), u64> = HashMap::new();
+    for (_, c) in caches {
+        all.extend(memo.cache_inodes(store, c));
+    }
+    all.values().sum()
+}
+
+/// The non-default scopes of `cache` with when each last changed, oldest first.
+fn scopes_oldest_first(store: &Store, cache: &str) -> Vec<(String, SystemTime)> {
+    let Ok(Some(st)) = store.load_state(cache) else {
+        return vec![];
+    };
+    let mut v: Vec<(String, SystemTime)> = st
+        .scopes
+        .iter()
+        .map(|(n, s)| {
+            let t = s
+                .updated_at
+                .as_deref()
+                .and_then(crate::policy::parse_rfc3339)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            (n.clone(), t)
+        })
+        .collect();
+    v.sort_by_key(|(_, t)| *t);
+    v
+}
+
+/// Drops one scope (never one with a live session) and collects what only it needed.
+fn evict_scope(store: &Store, cache: &str, scope: &str, why: String, out: &mut Vec<Eviction>) {
+    match crate::scope::drop_scope(store, cache, scope) {
+        Ok(crate::scope::Dropped::Done) => {
+            let bytes = match crate::gc::gc_cache(store, cache, false) {
+                Ok(g) => g.bytes_freed,
+                Err(e) => {
+                    tracing::warn!(cache, scope, error = %e, "gc after dropping a scope failed");
+                    0
+                }
+            };
+            tracing::info!(cache, scope, bytes, why = %why, "evicted scope");
+            out.push(Eviction {
+                cache: format!("{cache}:{scope}"),
+                bytes,
+                why,
+            });
+        }
+        Ok(crate::scope::Dropped::InUse(v)) => {
+            tracing::info!(cache, scope, volumes = ?v, "not evicting scope: in use")
+        }
+        Ok(crate::scope::Dropped::Missing) => {}
+        Err(e) => tracing::warn!(cache, scope, error = %e, "scope eviction failed"),
+    }
 }
 
 #[cfg(test)]

@@ -108,12 +108,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Drop one cache (its state and every layer); refused while a session uses it.
+    /// Drop one cache (its state and every layer), or with CACHE:SCOPE one scope of it;
+    /// refused while a session uses it.
     Rm {
         /// Store root.
         #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
         root: PathBuf,
-        /// The cache.
+        /// The cache, or CACHE:SCOPE.
         cache: String,
     },
     /// Try each backend here and say which one `auto` picks.

@@ -68,10 +68,14 @@ pub fn commit(
                 crate::store::STATE_FILE
             ))
         })?;
-        let parent = match mode {
-            CommitMode::Merge => state.state.latest.clone(),
+        // Commits go into the volume's scope only; `merge` lands on that scope's latest.
+        let opts = crate::names::VolumeOptions::parse(&rec.options).unwrap_or_default();
+        let scope = opts.scope();
+        let parent = match (mode, state.scope_latest(scope)) {
+            (CommitMode::Merge, Some(latest)) => latest.to_string(),
             _ => session.base.clone(),
         };
+        let forked_from = crate::scope::forked_from(&state, &opts, &session.base);
         if !store.layer_dir(&rec.cache, &parent).is_dir() {
             return Err(Error::Corrupt(format!(
                 "cache {:?}: parent layer {parent:?} is missing",
@@ -89,7 +93,7 @@ pub fn commit(
             fsync_dir(p)?;
         }
         crate::failpoint!("commit::before_state");
-        state.push_layer(&layer, &parent, &rec.name);
+        state.push_layer_in(scope, forked_from.as_deref(), &layer, &parent, &rec.name);
         store.save_state(&rec.cache, &state)?;
         Outcome::Committed { layer, parent }
     };

@@ -125,7 +125,16 @@ pub fn compact_cache(
     let Some(state) = state else {
         return Ok(None);
     };
-    let chain = state.latest_chain()?;
+    // Every scope's chain is bounded: compact the deepest (scopes sharing the layers above the
+    // flattened range all get the new layer under them).
+    let mut chain = state.latest_chain()?;
+    for root in state.roots() {
+        let c = state.chain(root)?;
+        if c.len() > chain.len() {
+            chain = c;
+        }
+    }
+    let root = chain[0].clone();
     let depth_before = chain.len();
     let Some(keep) = layers_to_keep(depth_before, max_depth, force) else {
         return Ok(None);
@@ -167,7 +176,7 @@ pub fn compact_cache(
         }
     };
 
-    let switched = switch(store, cache, &tmp, &above, &range, &base_name);
+    let switched = switch(store, cache, &tmp, &above, &range, &base_name, &root);
     let outcome = match switched {
         Ok(Some(x)) => x,
         Ok(None) => {
@@ -210,6 +219,7 @@ fn switch(
     above: &str,
     range: &[String],
     base_name: &str,
+    root: &str,
 ) -> Result<Option<(String, usize)>> {
     let _lock = store.lock_cache(cache)?;
     let Some(mut st) = store.load_state(cache)? else {
@@ -241,7 +251,7 @@ fn switch(
         return Err(e);
     }
     crate::failpoint!("compact::after_state");
-    let depth_after = st.latest_chain().map(|c| c.len()).unwrap_or(0);
+    let depth_after = st.chain(root).map(|c| c.len()).unwrap_or(0);
     Ok(Some((name, depth_after)))
 }
 

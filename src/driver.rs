@@ -260,8 +260,9 @@ impl Driver {
             tracing::info!(volume = name, id, "joined session");
             return Ok(merged);
         }
-        let state = self.store.ensure_cache(&rec.cache, self.xattr)?;
-        let lowers = state.latest_chain()?;
+        let mut state = self.store.ensure_cache(&rec.cache, self.xattr)?;
+        let opts = VolumeOptions::parse(&rec.options)?;
+        let lowers = crate::scope::start(&self.store, &rec.cache, &mut state, &opts)?.lowers;
         let base = lowers[0].clone();
         let root_attrs = self.prepare_upper(&rec, &self.store.layer_dir(&rec.cache, &base))?;
         let session = Session {

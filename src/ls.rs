@@ -57,6 +57,25 @@ pub struct CacheEntry {
     pub sessions: Vec<String>,
     /// What is wrong with it, in words (empty when healthy).
     pub problems: Vec<String>,
+    /// Its scopes other than the default one (whose latest is `latest`).
+    pub scopes: Vec<ScopeEntry>,
+}
+
+/// One scope of a cache in the listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScopeEntry {
+    /// Scope name.
+    pub name: String,
+    /// Its latest layer.
+    pub latest: String,
+    /// Depth of its chain.
+    pub depth: usize,
+    /// The scope its first session started from, if it forked one.
+    pub forked_from: Option<String>,
+    /// When its latest last changed.
+    pub updated_at: Option<String>,
+    /// Disk its chain takes, each inode once (shared layers count in every scope using them).
+    pub bytes: u64,
 }
 
 /// One volume in the listing.
@@ -116,6 +135,7 @@ pub fn collect(store: &Store) -> Result<Listing> {
                 .map(|v| v.name.clone())
                 .collect(),
             problems: vec![],
+            scopes: vec![],
         };
         let on_disk: BTreeSet<String> = fs::read_dir(store.cache_dir(&c))
             .map(|rd| {
@@ -131,6 +151,17 @@ pub fn collect(store: &Store) -> Result<Listing> {
             Ok(Some(s)) => {
                 e.latest = Some(s.state.latest.clone());
                 e.state_layers = s.layers.len();
+                for (name, sc) in &s.scopes {
+                    let chain = s.chain(&sc.latest).unwrap_or_default();
+                    e.scopes.push(ScopeEntry {
+                        name: name.clone(),
+                        latest: sc.latest.clone(),
+                        depth: chain.len(),
+                        forked_from: sc.forked_from.clone(),
+                        updated_at: sc.updated_at.clone(),
+                        bytes: crate::budget::chain_usage(store, &c, &chain, &mut memo),
+                    });
+                }
                 // Walk without the kernel's limit so a too-deep chain shows its real depth.
                 let mut chain = vec![s.state.latest.clone()];
                 let mut seen = BTreeSet::from([s.state.latest.clone()]);
@@ -251,6 +282,21 @@ pub fn render(store: &Store) -> Result<String> {
                     human(c.disk_bytes)
                 );
             }
+        }
+        for sc in &c.scopes {
+            let _ = writeln!(
+                out,
+                "  scope {}: latest {} (depth {}, {}{}, updated {})",
+                sc.name,
+                sc.latest,
+                sc.depth,
+                human(sc.bytes),
+                sc.forked_from
+                    .as_deref()
+                    .map(|f| format!(", forked from {f}"))
+                    .unwrap_or_default(),
+                sc.updated_at.as_deref().unwrap_or("never")
+            );
         }
         if !c.sessions.is_empty() {
             let _ = writeln!(out, "  sessions: {}", c.sessions.join(", "));

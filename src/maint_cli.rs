@@ -137,8 +137,30 @@ pub fn gc(store: &Store, dry_run: bool, json: bool) -> anyhow::Result<()> {
 }
 
 /// `cachedriver rm CACHE`: drops one cache; refused (naming the volumes) while a session uses it.
-pub fn rm(store: &Store, cache: &str) -> anyhow::Result<()> {
+pub fn rm(store: &Store, spec: &str) -> anyhow::Result<()> {
+    let (cache, scope) = crate::scope::split(spec)?;
+    let cache = cache.as_str();
     check_cache_exists(store, cache)?;
+    if let Some(scope) = scope {
+        return match crate::scope::drop_scope(store, cache, &scope)? {
+            crate::scope::Dropped::Done => {
+                let g = crate::gc::gc_cache(store, cache, false)?;
+                tracing::info!(cache, scope, bytes = g.bytes_freed, "removed scope");
+                println!(
+                    "removed scope {scope} of cache {cache}, freed {}",
+                    human(g.bytes_freed)
+                );
+                Ok(())
+            }
+            crate::scope::Dropped::InUse(v) => Err(anyhow!(
+                "scope {scope:?} of cache {cache:?} is in use by volume(s) {}; stop the containers using them first",
+                v.join(", ")
+            )),
+            crate::scope::Dropped::Missing => Err(anyhow!(
+                "cache {cache:?} has no scope {scope:?} (`cachedriver ls` lists them)"
+            )),
+        };
+    }
     match drop_cache(store, cache, None)? {
         Dropped::Done(bytes) => {
             tracing::info!(cache, bytes, "removed cache");

@@ -18,7 +18,10 @@ const NAME_HELP: &str =
 bytes, no \"..\"; or pass -o cache=NAME to pick the cache yourself";
 
 /// Option keys accepted by `docker volume create -o`.
-pub const KNOWN_OPTIONS: &[&str] = &["cache", "commit", "commit-on"];
+pub const KNOWN_OPTIONS: &[&str] = &["cache", "commit", "commit-on", "scope", "from"];
+
+/// At most this many fallback scopes in `from=`.
+pub const MAX_FALLBACKS: usize = 8;
 
 /// How a session's changes reach the cache when its last mount ends.
 #[derive(
@@ -132,6 +135,19 @@ pub struct VolumeOptions {
     pub commit: Option<CommitMode>,
     /// `commit-on=always|success`: overrides the server-wide default.
     pub commit_on: Option<crate::policy::CommitOn>,
+    /// `scope=NAME`: the scope sessions start from and commit into (default: `default`).
+    pub scope: Option<String>,
+    /// `from=A:B`: scopes to start from, in order, when `scope` has no snapshot yet.
+    pub from: Vec<String>,
+}
+
+/// Checks a scope name (`[A-Za-z0-9_.-]`, like a session id).
+pub fn validate_scope(s: &str) -> Result<()> {
+    check_common("scope name", s, b"-").map_err(|m| {
+        Error::InvalidOption(format!(
+            "{m}: a scope name uses [A-Za-z0-9_.-], e.g. scope=main or scope=pr-123"
+        ))
+    })
 }
 
 impl VolumeOptions {
@@ -146,6 +162,23 @@ impl VolumeOptions {
                 }
                 "commit" => out.commit = Some(CommitMode::parse(v)?),
                 "commit-on" => out.commit_on = Some(crate::policy::CommitOn::parse(v)?),
+                "scope" => {
+                    validate_scope(v)?;
+                    out.scope = Some(v.clone());
+                }
+                "from" => {
+                    let list: Vec<String> = v.split(':').map(str::to_string).collect();
+                    if list.len() > MAX_FALLBACKS {
+                        return Err(Error::InvalidOption(format!(
+                            "from= names {} scopes; at most {MAX_FALLBACKS} fallbacks are allowed",
+                            list.len()
+                        )));
+                    }
+                    for sc in &list {
+                        validate_scope(sc)?;
+                    }
+                    out.from = list;
+                }
                 _ => {
                     return Err(Error::InvalidOption(format!(
                         "unknown option {}: cachedriver knows {} (e.g. -o commit=merge)",
@@ -155,7 +188,18 @@ impl VolumeOptions {
                 }
             }
         }
+        let me = out.scope.as_deref().unwrap_or(crate::state::DEFAULT_SCOPE);
+        if out.from.iter().any(|f| f == me) {
+            return Err(Error::InvalidOption(format!(
+                "from= names the volume's own scope {me:?}: list the scopes to fall back to, e.g. -o scope=pr-123 -o from=main"
+            )));
+        }
         Ok(out)
+    }
+
+    /// The scope sessions of this volume commit into.
+    pub fn scope(&self) -> &str {
+        self.scope.as_deref().unwrap_or(crate::state::DEFAULT_SCOPE)
     }
 }
 

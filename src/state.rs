@@ -60,6 +60,27 @@ pub struct CacheState {
     /// The xattr namespace the layers' overlay markers use; absent in the seed's files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xattr: Option<XattrNs>,
+    /// Scopes other than the default one (whose latest is `state.latest`), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scopes: BTreeMap<String, ScopeInfo>,
+    #[serde(flatten)]
+    extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// The name of the scope whose latest is the seed's `state.latest`.
+pub const DEFAULT_SCOPE: &str = "default";
+
+/// One scope of a cache: its own latest snapshot over layers shared with the other scopes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ScopeInfo {
+    /// The top layer of the scope's latest snapshot.
+    pub latest: String,
+    /// The scope whose snapshot its first session started from, if it forked one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<String>,
+    /// When its latest last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
     #[serde(flatten)]
     extra: BTreeMap<String, serde_json::Value>,
 }
@@ -77,6 +98,7 @@ impl CacheState {
             layers,
             format: FORMAT,
             xattr: Some(xattr),
+            scopes: BTreeMap::new(),
             extra: BTreeMap::new(),
         }
     }
@@ -85,7 +107,15 @@ impl CacheState {
     pub fn parse(bytes: &[u8]) -> Result<Self> {
         let s: CacheState = serde_json::from_slice(bytes)
             .map_err(|e| Error::Corrupt(format!("cache-state.json does not parse: {e}")))?;
+        for scope in s.scopes.keys() {
+            if crate::names::validate_scope(scope).is_err() || scope == DEFAULT_SCOPE {
+                return Err(Error::Corrupt(format!(
+                    "cache-state.json names scope {scope:?}, which is not a valid scope name"
+                )));
+            }
+        }
         let names = std::iter::once(&s.state.latest)
+            .chain(s.scopes.values().map(|sc| &sc.latest))
             .chain(s.layers.keys())
             .chain(s.layers.values().filter_map(|l| l.parent.as_ref()));
         for n in names {
@@ -127,7 +157,32 @@ impl CacheState {
     /// Every snapshot top this state keeps alive: GC keeps their whole chains. Today that is the
     /// default scope's `latest`; scopes add their own latests here.
     pub fn roots(&self) -> Vec<&str> {
-        vec![self.state.latest.as_str()]
+        std::iter::once(self.state.latest.as_str())
+            .chain(self.scopes.values().map(|s| s.latest.as_str()))
+            .collect()
+    }
+
+    /// The latest layer of `scope` (`default` is `state.latest`), if it has one.
+    pub fn scope_latest(&self, scope: &str) -> Option<&str> {
+        if scope == DEFAULT_SCOPE {
+            Some(self.state.latest.as_str())
+        } else {
+            self.scopes.get(scope).map(|s| s.latest.as_str())
+        }
+    }
+
+    /// Makes `layer` the latest of `scope`; a new scope remembers the scope it forked from.
+    pub fn set_scope_latest(&mut self, scope: &str, layer: &str, forked_from: Option<&str>) {
+        if scope == DEFAULT_SCOPE {
+            self.state.latest = layer.to_string();
+            return;
+        }
+        let e = self.scopes.entry(scope.to_string()).or_default();
+        if e.latest.is_empty() {
+            e.forked_from = forked_from.map(str::to_string);
+        }
+        e.latest = layer.to_string();
+        e.updated_at = Some(crate::fsutil::now_rfc3339());
     }
 
     /// The chain of the latest snapshot, newest first.
@@ -138,7 +193,7 @@ impl CacheState {
     /// A layer name derived from `id` that no layer uses yet (`id`, `id.1`, `id.2`, ...).
     pub fn unique_layer_name(&self, id: &str, exists_on_disk: impl Fn(&str) -> bool) -> String {
         let taken =
-            |n: &str| self.layers.contains_key(n) || self.state.latest == n || exists_on_disk(n);
+            |n: &str| self.layers.contains_key(n) || self.roots().contains(&n) || exists_on_disk(n);
         if !taken(id) {
             return id.to_string();
         }
@@ -146,6 +201,23 @@ impl CacheState {
             .map(|i| format!("{id}.{i}"))
             .find(|n| n.len() <= crate::names::MAX_NAME_LEN + 12 && !taken(n))
             .unwrap_or_else(|| format!("{id}.{}", std::process::id()))
+    }
+
+    /// Records a new layer on top of `parent` and makes it the latest of `scope`.
+    pub fn push_layer_in(
+        &mut self,
+        scope: &str,
+        forked_from: Option<&str>,
+        name: &str,
+        parent: &str,
+        session: &str,
+    ) {
+        let default_latest = self.state.latest.clone();
+        self.push_layer(name, parent, session);
+        if scope != DEFAULT_SCOPE {
+            self.state.latest = default_latest;
+            self.set_scope_latest(scope, name, forked_from);
+        }
     }
 
     /// Records a new layer on top of `parent` and makes it the latest.

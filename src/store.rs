@@ -272,6 +272,8 @@ impl Store {
         }
         let zero = self.layer_dir(cache, "0");
         if !zero.is_dir() {
+            // Normally made by `lock_cache`; not every caller holds that lock's dir yet.
+            create_dir_all_durable(&self.cache_dir(cache))?;
             let tmp = self.cache_dir(cache).join(".tmp-0");
             crate::fsutil::remove_tree(&tmp)?;
             fs::create_dir(&tmp).ctx("creating layer", &tmp)?;

@@ -937,3 +937,91 @@ fn idle_volume_records_are_dropped() {
         .collect();
     assert_eq!(left, vec!["v-live", "v-new"]);
 }
+
+/// Two scopes of one cache share layers: GC keeps both chains, `rm`-ing one scope frees only
+/// what the other does not use, and the budget drops an idle scope before any whole cache.
+#[test]
+fn gc_and_budget_with_two_scopes() {
+    let Some(kind) = backends().into_iter().next() else {
+        return;
+    };
+    let fx = Fixture::new(kind);
+    let write = |name: &str, opts: &[(&str, &str)], file: &str, size: usize| {
+        fx.create(name, opts);
+        let m = fx.mount(name, "x");
+        fs::write(m.join(file), vec![7u8; size]).unwrap();
+        fx.unmount(name, "x");
+    };
+    write(
+        "s-main1",
+        &[("scope", "main"), ("commit", "merge")],
+        "base",
+        1 << 20,
+    );
+    write(
+        "s-pr1",
+        &[("scope", "pr-1"), ("from", "main"), ("commit", "merge")],
+        "pr",
+        1 << 20,
+    );
+    write(
+        "s-main2",
+        &[("scope", "main"), ("commit", "merge")],
+        "more",
+        1 << 20,
+    );
+    let st = fx.store().load_state("s").unwrap().unwrap();
+    let main = st.chain(st.scope_latest("main").unwrap()).unwrap();
+    let pr = st.chain(st.scope_latest("pr-1").unwrap()).unwrap();
+    assert!(
+        main.contains(&"main1".to_string()) && pr.contains(&"main1".to_string()),
+        "{main:?} {pr:?}"
+    );
+    assert!(
+        !main.contains(&"pr1".to_string()),
+        "main's chain holds the PR's layer: {main:?}"
+    );
+    assert_eq!(st.scopes["pr-1"].forked_from.as_deref(), Some("main"));
+
+    // GC keeps every scope's chain
+    let g = cachedriver::gc::gc_cache(fx.store(), "s", false).unwrap();
+    assert!(
+        g.deleted
+            .iter()
+            .all(|l| !main.contains(l) && !pr.contains(l)),
+        "{g:?}"
+    );
+    for l in main.iter().chain(pr.iter()) {
+        assert!(
+            fx.store().layer_dir("s", l).is_dir(),
+            "GC deleted {l}, which a scope needs"
+        );
+    }
+
+    // the budget drops the idle PR scope (its own layer only) before the whole cache
+    let mut st = fx.store().load_state("s").unwrap().unwrap();
+    st.scopes.get_mut("pr-1").unwrap().updated_at = Some("2020-01-01T00:00:00Z".into());
+    fx.store().save_state("s", &st).unwrap();
+    let mut memo = UsageMemo::default();
+    let total = budget::cache_usage(fx.store(), "s", &mut memo);
+    let policy = Policy {
+        max_size: Some(total - (1 << 19)),
+        max_idle: None,
+    };
+    let ev = budget::enforce(fx.store(), &policy, &mut memo).unwrap();
+    assert_eq!(
+        ev.iter().map(|e| e.cache.as_str()).collect::<Vec<_>>(),
+        vec!["s:pr-1"],
+        "{ev:?}"
+    );
+    assert!(ev[0].bytes >= 1 << 20, "{ev:?}");
+    let st = fx.store().load_state("s").unwrap().unwrap();
+    assert!(st.scopes.get("pr-1").is_none() && st.scopes.contains_key("main"));
+    assert!(
+        !fx.store().layer_dir("s", "pr1").exists(),
+        "the dropped scope's layer stays"
+    );
+    for l in &main {
+        assert!(fx.store().layer_dir("s", l).is_dir(), "main lost {l}");
+    }
+}

@@ -29,7 +29,8 @@ use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
 use e2e::{
-    managed, parity, podman, policy, restart, sessions, store_perms, util, walkthrough, Harness,
+    managed, parity, podman, policy, restart, scopes, sessions, store_perms, util, walkthrough,
+    Harness,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -86,6 +87,10 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
         ));
     }
     for b in [Backend::Kernel, Backend::Fuse] {
+        v.push((
+            format!("scopes-{}", b.as_str()),
+            Box::new(move |h: &Harness| scopes::scopes(h, b)),
+        ));
         v.push((
             format!("commit-on-success-{}", b.as_str()),
             Box::new(move |h: &Harness| policy::commit_on_success(h, b)),

@@ -6,7 +6,7 @@
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
 //! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`],
-//!   [`policy`], [`store_perms`].
+//!   [`policy`], [`scopes`], [`store_perms`].
 
 pub mod daemon;
 pub mod harness;
@@ -17,6 +17,7 @@ pub mod plugin;
 pub mod podman;
 pub mod policy;
 pub mod restart;
+pub mod scopes;
 pub mod sessions;
 pub mod store_perms;
 pub mod util;
