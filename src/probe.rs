@@ -20,6 +20,8 @@ pub struct Report {
     pub xattr: XattrNs,
     /// `Ok` or why the kernel overlay failed.
     pub kernel: Result<(), String>,
+    /// How the kernel backend mounted (new mount API or classic option string, and why).
+    pub kernel_path: Option<String>,
     /// `Ok` or why the FUSE mount failed.
     pub fuse: Result<(), String>,
     /// When run outside a user namespace: the same probe inside a fresh one (`unshare -Urm`),
@@ -75,6 +77,9 @@ impl fmt::Display for Report {
             }
         )?;
         writeln!(f, "kernel overlayfs: {}", show(&self.kernel))?;
+        if let Some(p) = &self.kernel_path {
+            writeln!(f, "  mounted through: {p}")?;
+        }
         writeln!(f, "fuse (cachedriver-fuse): {}", show(&self.fuse))?;
         match self.pick(BackendChoice::Auto) {
             Ok(k) => writeln!(f, "auto picks: {}", k.as_str())?,
@@ -86,6 +91,9 @@ impl fmt::Display for Report {
                 "inside a new user namespace (as rootless Docker/Podman run):"
             )?;
             writeln!(f, "  kernel overlayfs (userxattr): {}", show(&r.kernel))?;
+            if let Some(p) = &r.kernel_path {
+                writeln!(f, "    mounted through: {p}")?;
+            }
             writeln!(f, "  fuse (cachedriver-fuse): {}", show(&r.fuse))?;
             match r.pick(BackendChoice::Auto) {
                 Ok(k) => writeln!(f, "  auto would pick: {}", k.as_str())?,
@@ -101,18 +109,23 @@ impl fmt::Display for Report {
 pub fn resolve(choice: BackendChoice, root: &Path, exe: &Path) -> Result<BackendKind, String> {
     let xattr = XattrNs::for_this_process();
     let kernel = || {
-        let r = try_backend(BackendKind::Kernel, root, exe, xattr);
+        let r = try_backend(BackendKind::Kernel, root, exe, xattr).map(|_| ());
         if let (Err(e), BackendChoice::Auto) = (&r, choice) {
             tracing::warn!("kernel overlayfs does not work here ({e}); trying FUSE");
         }
         r
     };
     choose(choice, kernel, || {
-        try_backend(BackendKind::Fuse, root, exe, xattr)
+        try_backend(BackendKind::Fuse, root, exe, xattr).map(|_| ())
     })
 }
 
-fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Result<(), String> {
+fn try_backend(
+    kind: BackendKind,
+    root: &Path,
+    exe: &Path,
+    xattr: XattrNs,
+) -> Result<String, String> {
     if kind == BackendKind::Fuse && !Path::new("/dev/fuse").exists() {
         return Err(
             "/dev/fuse is missing (load the fuse module or pass --device /dev/fuse)".into(),
@@ -157,7 +170,7 @@ fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Re
     if fs::read(lower.join("f")).ok().as_deref() != Some(b"probe".as_slice()) {
         return Err("the write changed the lower layer".into());
     }
-    Ok(())
+    Ok(mounted.how)
 }
 
 /// Probes both backends under `root`; `exe` serves FUSE mounts. Outside a user namespace it
@@ -165,11 +178,13 @@ fn try_backend(kind: BackendKind, root: &Path, exe: &Path, xattr: XattrNs) -> Re
 pub fn probe(root: &Path, exe: &Path) -> Report {
     let xattr = XattrNs::for_this_process();
     let userns = crate::fsutil::in_user_namespace();
+    let kernel = try_backend(BackendKind::Kernel, root, exe, xattr);
     Report {
         userns,
         xattr,
-        kernel: try_backend(BackendKind::Kernel, root, exe, xattr),
-        fuse: try_backend(BackendKind::Fuse, root, exe, xattr),
+        kernel: kernel.clone().map(|_| ()),
+        kernel_path: kernel.ok(),
+        fuse: try_backend(BackendKind::Fuse, root, exe, xattr).map(|_| ()),
         rootless: (!userns).then(|| Box::new(probe_in_user_namespace(root, exe))),
     }
 }
@@ -180,6 +195,7 @@ fn probe_in_user_namespace(root: &Path, exe: &Path) -> Report {
         userns: true,
         xattr: XattrNs::User,
         kernel: Err(why.clone()),
+        kernel_path: None,
         fuse: Err(why),
         rootless: None,
     };
@@ -214,6 +230,7 @@ fn probe_in_user_namespace(root: &Path, exe: &Path) -> Report {
         userns: true,
         xattr: XattrNs::User,
         kernel: get("kernel"),
+        kernel_path: v["kernel_path"].as_str().map(str::to_string),
         fuse: get("fuse"),
         rootless: None,
     }
@@ -230,6 +247,7 @@ impl Report {
             "userns": self.userns,
             "xattr": self.xattr.as_str(),
             "kernel": show(&self.kernel),
+            "kernel_path": self.kernel_path,
             "fuse": show(&self.fuse),
             "auto": self.pick(BackendChoice::Auto).ok().map(|k| k.as_str()),
             "rootless": self.rootless.as_ref().map(|r| r.to_json()),

@@ -699,6 +699,27 @@ fn probe_reports_both_backends_here_and_in_a_user_namespace() {
     assert_eq!(v["kernel"], "ok", "{v}");
     assert_eq!(v["fuse"], "ok", "{v}");
     assert_eq!(v["auto"], "kernel", "{v}");
+    assert!(
+        v["kernel_path"]
+            .as_str()
+            .is_some_and(|p| p.contains("lowerdir+")),
+        "probe names the kernel mount path (this kernel has lowerdir+): {v}"
+    );
+    // Forced classic (as on kernels before 6.8): probe says so.
+    let out = std::process::Command::new(exe())
+        .args(["probe", "--json", "--root"])
+        .arg(root.path())
+        .env("CACHEDRIVER_KERNEL_MOUNT", "classic")
+        .output()
+        .unwrap();
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        c["kernel"] == "ok"
+            && c["kernel_path"]
+                .as_str()
+                .is_some_and(|p| p.contains("classic")),
+        "probe with CACHEDRIVER_KERNEL_MOUNT=classic: {c}"
+    );
     let inner = &v["rootless"];
     assert_eq!(inner["userns"], true, "{v}");
     assert_eq!(inner["xattr"], "user", "{v}");

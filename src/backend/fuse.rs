@@ -134,7 +134,10 @@ impl Backend for Fuse {
         let pid = std::fs::read_to_string(spec.pid_file)
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        Ok(Mounted { pid })
+        Ok(Mounted {
+            pid,
+            how: "one cachedriver fuse server per session".into(),
+        })
     }
 
     fn unmount(&self, target: &Path, pid: Option<i32>) -> Result<()> {

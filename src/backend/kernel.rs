@@ -459,11 +459,18 @@ impl Backend for Kernel {
     fn mount(&self, spec: &MountSpec<'_>) -> Result<Mounted> {
         let userxattr = spec.xattr == XattrNs::User;
         let mode = mount_mode()?;
+        let done = |how: String| Mounted { pid: None, how };
         if mode == MountMode::Classic {
-            return mount_classic(spec, userxattr).map(|()| Mounted::default());
+            return mount_classic(spec, userxattr).map(|()| {
+                done(format!(
+                    "classic mount(2) option string ({MOUNT_MODE_ENV}=classic)"
+                ))
+            });
         }
         match mount_new_api(spec, userxattr) {
-            Ok(()) => Ok(Mounted::default()),
+            Ok(()) => Ok(done(
+                "new mount API (fsopen/fsconfig, one lowerdir+ per layer)".into(),
+            )),
             Err(NewApiError::Failed(e)) => Err(e),
             Err(NewApiError::CreateRefused(e, msgs)) => {
                 let said = if msgs.is_empty() {
@@ -478,7 +485,11 @@ impl Backend for Kernel {
                 }
                 tracing::info!(error = %said, "overlay creation refused after lowerdir+; trying the classic option string");
                 mount_classic(spec, userxattr)
-                    .map(|()| Mounted::default())
+                    .map(|()| {
+                        done(format!(
+                            "classic mount(2) option string: the kernel accepted lowerdir+ but refused the overlay at creation ({said}; kernels before 6.5)"
+                        ))
+                    })
                     .map_err(|c| {
                         Error::Backend(format!("{c} (the new mount API said: creating the overlay: {said})"))
                     })
@@ -489,7 +500,11 @@ impl Backend for Kernel {
             {
                 tracing::info!(error = %e, "no fsopen/lowerdir+ here; using the classic option string");
                 mount_classic(spec, userxattr)
-                    .map(|()| Mounted::default())
+                    .map(|()| {
+                        done(format!(
+                            "classic mount(2) option string: the new mount API refused lowerdir+ ({e}; needs Linux 6.8) or a layer path longer than fsconfig's 255 bytes"
+                        ))
+                    })
                     .map_err(|c| Error::Backend(format!("{c} (the new mount API said: {e})")))
             }
             Err(NewApiError::Unsupported(e))

@@ -70,6 +70,8 @@ pub struct MountSpec<'a> {
 pub struct Mounted {
     /// The serving process, for FUSE.
     pub pid: Option<i32>,
+    /// How the mount was made, in words (the kernel backend's mount path and why), for `probe`.
+    pub how: String,
 }
 
 /// A way to make (and tear down) a merged view.
