@@ -46,6 +46,42 @@ enum Command {
             default_value = "replace"
         )]
         commit: CommitMode,
+        /// Seconds after a Mount during which a view no container has yet still counts as used
+        /// (the engine mounts it into the container after our reply).
+        #[arg(long, env = "CACHEDRIVER_ORPHAN_GRACE", default_value_t = crate::driver::DEFAULT_ORPHAN_GRACE.as_secs())]
+        orphan_grace: u64,
+        /// Seconds between sweeps that end sessions nobody uses (0: no sweep).
+        #[arg(long, env = "CACHEDRIVER_SWEEP_INTERVAL", default_value_t = 60)]
+        sweep_interval: u64,
+    },
+    /// List live sessions with who uses them (namespaces, containers, pids), from the kernel.
+    Sessions {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End one volume's session now (unmount and commit per its mode); refused while a container
+    /// or process still uses it.
+    End {
+        /// The volume.
+        volume: String,
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Throw the session's writes away instead of committing them.
+        #[arg(long)]
+        discard: bool,
+        /// Commit mode for volumes that do not set `-o commit=` (as the server's `--commit`).
+        #[arg(
+            long,
+            env = "CACHEDRIVER_COMMIT",
+            value_enum,
+            default_value = "replace"
+        )]
+        commit: CommitMode,
     },
     /// Try each backend here and say which one `auto` picks.
     Probe {
@@ -90,20 +126,25 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             socket,
             backend,
             commit,
+            orphan_grace,
+            sweep_interval,
         } => {
             let exe = own_exe()?;
             let store =
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
             let kind =
                 crate::probe::resolve(backend, store.root(), &exe).map_err(|e| anyhow!(e))?;
-            let driver = Arc::new(Driver::new(
-                store,
-                Config {
-                    backend: kind,
-                    commit,
-                    exe,
-                },
-            )?);
+            let driver = Arc::new(
+                Driver::open(
+                    store,
+                    Config {
+                        backend: kind,
+                        commit,
+                        exe,
+                    },
+                )
+                .with_orphan_grace(std::time::Duration::from_secs(orphan_grace)),
+            );
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -112,8 +153,60 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 let listener = crate::server::bind(&socket)?;
                 tracing::info!(socket = %socket.display(), root = %root.display(), backend = kind.as_str(),
                     commit = commit.as_str(), "serving");
+                // Recovery after binding (the engine's calls wait on the per-cache locks, never on
+                // a slow recovery of another cache), then the sweep.
+                crate::server::spawn_maintenance(
+                    driver.clone(),
+                    std::time::Duration::from_secs(sweep_interval),
+                );
                 crate::server::serve(listener, &socket, driver, shutdown_signal()).await
             })
+        }
+        Command::Sessions { root, json } => {
+            let d = offline_driver(&root, CommitMode::Replace)?;
+            let list = d.sessions().map_err(|e| anyhow!(e))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.is_empty() {
+                println!("no sessions");
+            }
+            for s in list {
+                let state = if s.users.in_use() {
+                    format!("used by {}", s.users.describe())
+                } else if s.users.mounted {
+                    "unused (ended by the next sweep, Mount or Remove)".into()
+                } else {
+                    "view not mounted (ended at startup or next Mount)".into()
+                };
+                println!(
+                    "{}\tcache={}\tbackend={}\tmounts={:?}\tstarted={}{}\t{}",
+                    s.volume,
+                    s.cache,
+                    s.backend,
+                    s.mounts,
+                    s.started_at,
+                    s.committing
+                        .map(|c| format!("\tcommitting={c}"))
+                        .unwrap_or_default(),
+                    state
+                );
+            }
+            Ok(())
+        }
+        Command::End {
+            volume,
+            root,
+            discard,
+            commit,
+        } => {
+            let d = offline_driver(&root, commit)?;
+            match d.end(&volume, discard).map_err(|e| anyhow!(e))? {
+                None => println!("{volume}: no session"),
+                Some(o) => println!("{volume}: session ended: {o:?}"),
+            }
+            Ok(())
         }
         Command::Probe { root, json } => {
             let report = crate::probe::probe(&root, &own_exe()?);
@@ -134,6 +227,20 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A driver for a one-shot command next to (or instead of) a server: no recovery, no probe
+/// (ending a session uses the backend that mounted it).
+fn offline_driver(root: &std::path::Path, commit: CommitMode) -> anyhow::Result<Driver> {
+    let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
+    Ok(Driver::open(
+        store,
+        Config {
+            backend: crate::backend::BackendKind::Kernel,
+            commit,
+            exe: own_exe()?,
+        },
+    ))
 }
 
 async fn shutdown_signal() {

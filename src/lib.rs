@@ -6,6 +6,8 @@
 //! - [`commit`]: O(1) promotion of a session's upper dir to a layer.
 //! - [`backend`]: kernel overlayfs and the FUSE union filesystem behind one trait.
 //! - [`driver`]: the one place where every state change happens.
+//! - [`sessions`], [`recovery`]: who uses a session (from the kernel); orphaned sessions, startup
+//!   recovery, the sweep.
 //! - [`protocol`], [`server`]: the Docker VolumeDriver protocol over a unix socket.
 //! - [`probe`], [`ls`]: what works on this host; what the store holds.
 
@@ -21,6 +23,8 @@ pub mod ls;
 pub mod names;
 pub mod probe;
 pub mod protocol;
+pub mod recovery;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod store;
