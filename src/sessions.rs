@@ -371,6 +371,14 @@ fn probes_in_flight() -> &'static Mutex<HashSet<PathBuf>> {
     P.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
+/// True while a [`stat_with_timeout`] of `path` has not returned (its server does not answer).
+pub fn probe_stuck(path: &Path) -> bool {
+    probes_in_flight()
+        .lock()
+        .map(|g| g.contains(path))
+        .unwrap_or(false)
+}
+
 /// `stat(path)` on a helper thread: `None` when it did not answer within `timeout` (a hung FUSE
 /// server), or while an earlier probe of the same path is still stuck (so stuck threads never
 /// pile up: at most one per path).

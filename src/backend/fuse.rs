@@ -74,6 +74,17 @@ fn serves(pid: i32, target: &Path) -> bool {
     args.iter().any(|a| *a == b"fuse") && args.iter().any(|a| *a == target.as_os_str().as_bytes())
 }
 
+fn kill_and_wait(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// True when `pid` is stopped (SIGSTOP, ptrace): it will not exit on its own.
 fn stopped(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -161,6 +172,14 @@ impl Backend for Fuse {
     }
 
     fn unmount(&self, target: &Path, pid: Option<i32>) -> Result<()> {
+        if let Some(p) = pid.filter(|p| serves(*p, target)) {
+            if stopped(p) || crate::sessions::probe_stuck(target) {
+                // A hung server: requests stuck in it pin the mount (EBUSY) and it would never
+                // exit. Killing it aborts the connection; the unmount then goes through.
+                tracing::warn!(pid = p, target = %target.display(), "FUSE server does not answer: killing it before the unmount");
+                kill_and_wait(p);
+            }
+        }
         if let Err(e) = unmount_path(target) {
             // Without CAP_SYS_ADMIN over this mount, fusermount3 may still be allowed.
             let ok = Command::new("fusermount3")
@@ -189,14 +208,7 @@ impl Backend for Fuse {
                 // kill it (only if it is the server of this mount, not a reused pid).
                 if serves(pid, target) {
                     tracing::warn!(pid, "FUSE server did not exit after unmount: killing it");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    let deadline = Instant::now() + EXIT_TIMEOUT;
-                    while alive(pid) && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+                    kill_and_wait(pid);
                 } else {
                     tracing::warn!(pid, "FUSE server still running after unmount");
                 }
