@@ -732,3 +732,34 @@ fn cli_lists_sessions_with_their_users_and_ends_one() {
         assert!(fx.record("cli-a").session.is_none());
     }
 }
+
+#[test]
+fn a_failed_last_unmount_is_recorded_and_retried() {
+    each(CommitMode::Replace, |fx| {
+        fx.create("fu-a", &[]);
+        let m = fx.mount("fu-a", "X");
+        fs::write(m.join("f"), "x").unwrap();
+        // Make the commit fail: the cache state cannot be read.
+        let state = fx.root().join("lower/fu/cache-state.json");
+        let good = fs::read(&state).unwrap();
+        fs::write(&state, "{not json").unwrap();
+        assert!(fx.driver.unmount("fu-a", "X").is_err(), "the commit fails");
+        let rec = fx.record("fu-a");
+        let s = rec.session.expect("the session is still recorded");
+        assert!(
+            s.mounts.is_empty(),
+            "the count is gone durably: {:?}",
+            s.mounts
+        );
+        assert!(
+            fx.driver.unmount("fu-a", "X").is_ok(),
+            "a repeated Unmount finds the session waiting to end"
+        );
+        // Once the cause is fixed, the sweep finishes the job.
+        fs::write(&state, good).unwrap();
+        assert_eq!(fx.driver.sweep(), Some(1));
+        assert_eq!(fx.latest("fu"), "a");
+        assert!(fx.root().join("lower/fu/a/f").exists());
+        assert!(fx.record("fu-a").session.is_none());
+    });
+}

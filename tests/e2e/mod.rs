@@ -5,11 +5,13 @@
 //! - [`image`]: the offline busybox test image.
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
-//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`].
+//! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`],
+//!   [`orphans`].
 
 pub mod daemon;
 pub mod harness;
 pub mod image;
+pub mod orphans;
 pub mod parity;
 pub mod plugin;
 pub mod podman;

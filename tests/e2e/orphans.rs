@@ -1,0 +1,91 @@
+//! Orphaned sessions against a real dockerd (issue 12 item 10, DESIGN §4 "Orphaned sessions"):
+//! dockerd killed with SIGKILL while containers run sends no Unmount for the containers it loses.
+//! After its restart, `docker start` of a lost container (same mount ID again) must work and its
+//! stop must commit everything it wrote, before and after the crash; `docker volume rm` of the
+//! volume of a lost container that was removed must work and commit that container's writes;
+//! nothing of either session stays mounted.
+
+use std::time::Duration;
+
+use super::harness::Scope;
+use super::plugin::Backend;
+use super::{util, Harness};
+use anyhow::{ensure, Result};
+
+/// Kills dockerd -9 while two containers run, restarts it, and checks both lost sessions end.
+pub fn dockerd_sigkill(h: &Harness, backend: Backend) -> Result<()> {
+    let mut s = Scope::with_plugin(h, &format!("sigkill-{}", backend.as_str()), backend, None)?;
+    let (run, gone) = ("dk-run-c", "dk-gone-c");
+    let (va, vb) = (s.vol("dk-run"), s.vol("dk-gone"));
+    s.start(run, &va, "/cache", &[])?;
+    s.exec_ok(run, "echo a > /cache/a.txt")?;
+    s.start(gone, &vb, "/cache", &[])?;
+    s.exec_ok(gone, "echo b > /cache/b.txt")?;
+
+    h.dockerd.kill_and_restart()?;
+
+    // Without live-restore the restarted dockerd stops the containers it lost.
+    for c in [run, gone] {
+        util::wait_for(Duration::from_secs(60), &format!("{c} to stop"), || {
+            h.docker(&["inspect", "--format", "{{.State.Running}}", c])
+                .ok()
+                .filter(|o| o.stdout.trim() == "false")
+        })?;
+    }
+
+    // `docker start` of the lost container: Docker Mounts the same ID again.
+    h.docker_ok(&["start", run])?;
+    let out = s.exec_ok(run, "cat /cache/a.txt && echo c > /cache/c.txt")?;
+    ensure!(
+        out == "a\n",
+        "the restarted lost container read {out:?}, expected its own write from before the crash"
+    );
+    s.stop(run)?;
+    s.plugin().wait_session_ended("dk", "run")?;
+    let root = s.plugin().root.clone();
+    let layer = root.join("lower/dk/run");
+    ensure!(
+        layer.join("a.txt").exists() && layer.join("c.txt").exists(),
+        "the stop of the restarted lost container did not commit both writes into {}; plugin log:\n{}",
+        layer.display(),
+        s.plugin().log_tail(40)
+    );
+
+    // The other lost container is removed; then its volume.
+    h.docker_ok(&["rm", "-f", gone])?;
+    let rm = h.docker(&["volume", "rm", "dk-gone"])?;
+    ensure!(
+        rm.success(),
+        "docker volume rm of a lost and removed container's volume failed: {}\nplugin log:\n{}",
+        rm.describe(),
+        s.plugin().log_tail(40)
+    );
+    ensure!(
+        root.join("lower/dk/gone/b.txt").exists(),
+        "the removed orphan's writes were not committed"
+    );
+
+    let left: Vec<_> = util::mounts()
+        .into_iter()
+        .filter(|(m, _)| m.starts_with(root.join("merged")))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "still mounted after both sessions ended: {left:?}"
+    );
+
+    // And the cache works for the next container.
+    let out = s
+        .sh(
+            Some((&s.vol("dk-next"), "/cache", false)),
+            &[],
+            "cat /cache/b.txt",
+        )?
+        .check()?;
+    ensure!(
+        out.stdout == "b\n",
+        "the next container read {:?}",
+        out.stdout
+    );
+    s.ensure_plugin_alive()
+}
