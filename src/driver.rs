@@ -413,7 +413,14 @@ impl Driver {
             id: id.to_string(),
         };
         let Some(s) = rec.session.as_mut() else {
-            return Err(not_mounted());
+            // The session was ended without this Unmount (orphan rule, recovery, `end`), e.g.
+            // while its container stopped during a plugin restart: its writes are committed.
+            tracing::info!(
+                volume = name,
+                id,
+                "unmount of a volume whose session already ended"
+            );
+            return Ok(());
         };
         let Some(count) = s.mounts.get_mut(id) else {
             if s.mounts.is_empty() {
