@@ -422,21 +422,23 @@ impl Driver {
             );
             return Ok(());
         };
-        let Some(count) = s.mounts.get_mut(id) else {
-            if s.mounts.is_empty() {
-                // Counts were reset while a container still used the view: nothing to undo.
-                tracing::info!(
-                    volume = name,
-                    id,
-                    "unmount of a session already waiting to end"
-                );
-                return Ok(());
+        let draining = s.mounts.is_empty();
+        if let Some(count) = s.mounts.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                s.mounts.remove(id);
             }
+        } else if draining {
+            // No counts left, but the session waited for its last user (counts reset by an
+            // engine restart while a live-restored container kept the view): this Unmount may
+            // be that container stopping, so end the session now if nobody uses it.
+            tracing::info!(
+                volume = name,
+                id,
+                "unmount of a session waiting for its last user"
+            );
+        } else {
             return Err(not_mounted());
-        };
-        *count -= 1;
-        if *count == 0 {
-            s.mounts.remove(id);
         }
         if !s.mounts.is_empty() {
             crate::failpoint!("driver::unmount_before_leave_record");

@@ -90,6 +90,10 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
             format!("dockerd-sigkill-{}", b.as_str()),
             Box::new(move |h: &Harness| orphans::dockerd_sigkill(h, b)),
         ));
+        v.push((
+            format!("dockerd-sigkill-live-restore-{}", b.as_str()),
+            Box::new(move |h: &Harness| orphans::dockerd_sigkill_live_restore(h, b)),
+        ));
     }
     v
 }

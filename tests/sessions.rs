@@ -752,9 +752,13 @@ fn a_failed_last_unmount_is_recorded_and_retried() {
             s.mounts
         );
         assert!(
-            fx.driver.unmount("fu-a", "X").is_ok(),
-            "a repeated Unmount finds the session waiting to end"
+            fx.driver.unmount("fu-a", "X").is_err(),
+            "a repeated Unmount retries the end, which fails while the cause remains"
         );
+        assert!(fx
+            .record("fu-a")
+            .session
+            .is_some_and(|s| s.mounts.is_empty()));
         // Once the cause is fixed, the sweep finishes the job.
         fs::write(&state, good).unwrap();
         assert_eq!(fx.driver.sweep(), Some(1));

@@ -89,3 +89,79 @@ pub fn dockerd_sigkill(h: &Harness, backend: Backend) -> Result<()> {
     );
     s.ensure_plugin_alive()
 }
+
+/// Restores the shared dockerd's default configuration (and restarts it) when dropped.
+struct DefaultConfig<'h>(&'h Harness);
+
+impl Drop for DefaultConfig<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.dockerd.dir.join("daemon.json"), "{}\n");
+        if let Err(e) = self.0.dockerd.restart() {
+            eprintln!("e2e: restarting dockerd with its default configuration: {e:#}");
+        }
+    }
+}
+
+/// With dockerd's `live-restore`, containers keep running (and keep their bind mount of the
+/// view) across dockerd killed -9: their session must never be ended, a new container of the
+/// volume joins it, `docker cp` into the surviving container still works, and the session
+/// commits everything when the last container stops.
+pub fn dockerd_sigkill_live_restore(h: &Harness, backend: Backend) -> Result<()> {
+    let _default = DefaultConfig(h);
+    std::fs::write(
+        h.dockerd.dir.join("daemon.json"),
+        "{\"live-restore\": true}\n",
+    )?;
+    h.dockerd.restart()?;
+    let mut s = Scope::with_plugin(h, &format!("live-{}", backend.as_str()), backend, None)?;
+    let (c, d) = ("lr-c", "lr-d");
+    let v = s.vol("lr-one");
+    s.start(c, &v, "/cache", &[])?;
+    s.exec_ok(c, "echo a > /cache/a.txt")?;
+
+    h.dockerd.kill_and_restart()?;
+
+    let running = h.docker_ok(&["inspect", "--format", "{{.State.Running}}", c])?;
+    ensure!(
+        running.trim() == "true",
+        "live-restore: {c} did not survive dockerd's restart"
+    );
+    let root = s.plugin().root.clone();
+    ensure!(
+        util::is_mountpoint(&s.plugin().merged("lr", "one")),
+        "the live container's session was ended"
+    );
+    // docker cp into the surviving container: Mount/Unmount of its (pre-restart) ID.
+    let src = root.join("..").join("cp.txt");
+    std::fs::write(&src, "cp\n")?;
+    h.docker_ok(&["cp", &src.to_string_lossy(), &format!("{c}:/cache/cp.txt")])?;
+    ensure!(
+        util::is_mountpoint(&s.plugin().merged("lr", "one")),
+        "docker cp into a live-restored container ended its session"
+    );
+    s.start(d, &v, "/cache", &[])?;
+    let out = s.exec_ok(d, "cat /cache/a.txt /cache/cp.txt && echo b > /cache/b.txt")?;
+    ensure!(
+        out == "a\ncp\n",
+        "a new container of the volume read {out:?}"
+    );
+    s.stop(d)?;
+    ensure!(
+        util::is_mountpoint(&s.plugin().merged("lr", "one")),
+        "the session ended while {c} still runs"
+    );
+    let out = s.exec_ok(c, "cat /cache/b.txt")?;
+    ensure!(out == "b\n", "{c} read {out:?}");
+    s.stop(c)?;
+    s.plugin().wait_session_ended("lr", "one")?;
+    let layer = root.join("lower/lr/one");
+    for f in ["a.txt", "cp.txt", "b.txt"] {
+        ensure!(
+            layer.join(f).exists(),
+            "{f} missing from the committed layer {}; plugin log:\n{}",
+            layer.display(),
+            s.plugin().log_tail(40)
+        );
+    }
+    s.ensure_plugin_alive()
+}
