@@ -616,6 +616,7 @@ fn a_hung_fuse_server_blocks_neither_startup_nor_other_caches() {
         let a = fx.mount("hung-a", "X");
         fs::write(a.join("fa"), "a").unwrap();
         let container = NsContainer::new(&a); // keeps hung-a's session alive through restarts
+        let holder = Holder::new(&a); // a cwd inside the hung view: found without touching it
         let pid = fx.record("hung-a").session.unwrap().pid.expect("fuse pid");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -655,8 +656,14 @@ fn a_hung_fuse_server_blocks_neither_startup_nor_other_caches() {
             },
         );
 
+        let users = fx.driver.sessions().unwrap();
+        assert!(
+            users[0].users.pids.contains(&(holder.0.id() as i32)),
+            "{users:?}"
+        );
         // Once its container is gone, the hung session is ended (server killed) and committed.
         drop(container);
+        drop(holder);
         eprintln!(
             "users after the container: {:?}",
             fx.driver.sessions().unwrap()
