@@ -114,6 +114,11 @@ pub fn dockerd_sigkill_live_restore(h: &Harness, backend: Backend) -> Result<()>
     )?;
     h.dockerd.restart()?;
     let mut s = Scope::with_plugin(h, &format!("live-{}", backend.as_str()), backend, None)?;
+    // Docker sends no Unmount at all for a live-restored container once a `docker cp` has
+    // mounted and unmounted its ID (its in-memory count drops to 0 and the ID is forgotten):
+    // only the sweep ends that session, so sweep often here.
+    s.plugin_mut().env = vec![("CACHEDRIVER_SWEEP_INTERVAL".into(), "2".into())];
+    s.plugin_mut().restart()?;
     let (c, d) = ("lr-c", "lr-d");
     let v = s.vol("lr-one");
     s.start(c, &v, "/cache", &[])?;
@@ -153,7 +158,9 @@ pub fn dockerd_sigkill_live_restore(h: &Harness, backend: Backend) -> Result<()>
     let out = s.exec_ok(c, "cat /cache/b.txt")?;
     ensure!(out == "b\n", "{c} read {out:?}");
     s.stop(c)?;
-    s.plugin().wait_session_ended("lr", "one")?;
+    s.plugin()
+        .wait_session_ended("lr", "one")
+        .map_err(|e| anyhow::anyhow!("{e:#}; plugin log:\n{}", s.plugin().log_tail(30)))?;
     let layer = root.join("lower/lr/one");
     for f in ["a.txt", "cp.txt", "b.txt"] {
         ensure!(

@@ -64,6 +64,8 @@ pub struct Plugin {
     pub log: PathBuf,
     child: Option<Child>,
     pidfile: PathBuf,
+    /// Extra environment for the next (re)start, e.g. a short `CACHEDRIVER_SWEEP_INTERVAL`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Plugin {
@@ -86,6 +88,7 @@ impl Plugin {
             log: dir.join("plugin.log"),
             child: None,
             pidfile: dir.join("plugin.pid"),
+            env: Vec::new(),
         };
         p.spawn()?;
         Ok(p)
@@ -122,6 +125,7 @@ impl Plugin {
             }
             None => {}
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env(
             "RUST_LOG",
             std::env::var("CACHEDRIVER_E2E_RUST_LOG").unwrap_or_else(|_| "debug".into()),
