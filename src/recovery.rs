@@ -237,7 +237,7 @@ impl Driver {
     }
 
     /// Ends every session nobody uses (the periodic sweep). Skips caches that are busy and
-    /// volumes mounted within the orphan grace; returns how many sessions it ended, or `None`
+    /// sessions with counted mounts whose volume was mounted within the orphan grace; returns how many sessions it ended, or `None`
     /// when another sweep is still running.
     pub fn sweep(&self) -> Option<usize> {
         if self.sweeping.swap(true, Ordering::SeqCst) {
@@ -246,9 +246,6 @@ impl Driver {
         let mut ended = 0;
         let vols = self.store().list_volumes().unwrap_or_default();
         for v in vols.iter().filter(|v| v.session.is_some()) {
-            if self.recently_mounted(&v.name) {
-                continue;
-            }
             let Ok(Some(_lock)) = self.store().try_lock_cache(&v.cache) else {
                 continue;
             };
@@ -257,8 +254,13 @@ impl Driver {
                     return Ok(false);
                 };
                 self.settle(&mut rec)?;
-                if rec.session.is_none() {
+                let Some(s) = &rec.session else {
                     return Ok(true);
+                };
+                // A fresh Mount's container may not have the view yet; a session with no
+                // counts left has no Mount in flight.
+                if !s.mounts.is_empty() && self.recently_mounted(&v.name) {
+                    return Ok(false);
                 }
                 if self.users_of(&rec).in_use() {
                     return Ok(false);
