@@ -161,6 +161,12 @@ pub fn dockerd_sigkill_live_restore(h: &Harness, backend: Backend) -> Result<()>
     s.plugin()
         .wait_session_ended("lr", "one")
         .map_err(|e| anyhow::anyhow!("{e:#}; plugin log:\n{}", s.plugin().log_tail(30)))?;
+    // The sweep unmounts first and commits right after: wait for the state to name the layer.
+    let latest = s.plugin().wait_latest("lr", |l| l == "one")?;
+    ensure!(
+        latest == "one",
+        "the session was not committed: latest={latest:?}"
+    );
     let layer = root.join("lower/lr/one");
     for f in ["a.txt", "cp.txt", "b.txt"] {
         ensure!(
