@@ -124,6 +124,16 @@ impl Driver {
         }
     }
 
+    /// Drops what memory holds about an ended session's mounts (bounded by live sessions).
+    fn forget_mounts(&self, name: &str) {
+        if let Ok(mut m) = self.counted_in.lock() {
+            m.retain(|(v, _), _| v != name);
+        }
+        if let Ok(mut m) = self.last_mount.lock() {
+            m.remove(name);
+        }
+    }
+
     /// True while `name` was mounted by this process within the orphan grace period.
     pub(crate) fn recently_mounted(&self, name: &str) -> bool {
         self.last_mount
@@ -152,7 +162,7 @@ impl Driver {
         &self.config
     }
 
-    pub(crate) fn backend_for(&self, kind: BackendKind) -> Box<dyn Backend> {
+    fn backend_for(&self, kind: BackendKind) -> Box<dyn Backend> {
         backend::for_kind(kind, &self.config.exe)
     }
 
@@ -515,6 +525,7 @@ impl Driver {
         rec.session = None;
         crate::failpoint!("driver::end_before_clear");
         self.store.save_volume(rec)?;
+        self.forget_mounts(&name);
         let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_micros() as u64;
         let (unmount_us, commit_us, record_us) =
             (us(t0, t1), us(t1, t2), us(t2, std::time::Instant::now()));
