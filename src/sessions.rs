@@ -4,9 +4,10 @@
 //! An engine killed -9 (or a host losing power) sends no Unmount for the containers it loses, so
 //! counts alone can keep a session alive forever. The rule: a session's view is **used** iff
 //! - some mount other than the view itself shows the same filesystem (same `major:minor`), in any
-//!   mount namespace (a container's bind mount of the view), not counting copies of the view at
-//!   its own `merged/<cache>/<id>` path (made by mount propagation, or by a namespace cloned from
-//!   ours, such as a systemd unit's or a snap's: they hold the view only incidentally); or
+//!   mount namespace (a container's bind mount of the view), not counting copies of the view
+//!   itself (at its own path, in a namespace cloned from ours such as a systemd unit's or a
+//!   snap's; or propagated from its peer group to the same `merged/<cache>/<id>` below another
+//!   prefix, as on the host side of a managed plugin): they hold the view only incidentally; or
 //! - some process other than the plugin itself holds a file, its cwd or its root in one of those
 //!   mounts, copies included (`/proc/PID/fdinfo/*` `mnt_id:`, `/proc/PID/{cwd,root}`).
 //!
@@ -299,11 +300,7 @@ impl Scan {
         let suffix = {
             let c: Vec<_> = target.components().collect();
             let n = c.len().saturating_sub(3);
-            c[n..]
-                .iter()
-                .collect::<PathBuf>()
-                .to_string_lossy()
-                .into_owned()
+            format!("/{}", c[n..].iter().collect::<PathBuf>().to_string_lossy())
         };
         let ours = self.view(target).cloned();
         let mounted = ours.is_some();
@@ -319,11 +316,19 @@ impl Scan {
             return Users::default();
         };
         let our_id = ours.as_ref().map(|m| m.id);
-        // A copy of our own mount at the same place: made by propagation (a peer or slave
-        // namespace, e.g. the host side of a managed plugin's propagated mount) or by a
-        // namespace cloned from ours (systemd units, snaps). Containers bind the view at their
-        // own destination instead. A copy counts only through the processes holding files in it.
-        let is_copy = |m: &MountEntry| m.point.ends_with(&suffix);
+        let our_group = ours.as_ref().and_then(|m| m.shared);
+        let here = target.to_string_lossy();
+        // A copy of our own mount: at our very path in a namespace cloned from ours (systemd
+        // units, snaps), or made by propagation from our peer group at the same place below
+        // another prefix (the host side of a managed plugin's propagated mount). Containers
+        // bind the view at their own destination instead. A copy counts only through the
+        // processes holding files in it.
+        let is_copy = |m: &MountEntry| {
+            m.point == here
+                || (our_group.is_some()
+                    && (m.shared == our_group || m.master == our_group)
+                    && m.point.ends_with(&suffix))
+        };
         let mut users = Users {
             mounted,
             ..Users::default()
@@ -448,6 +453,49 @@ mod tests {
             Some(31)
         );
         assert_eq!(fdinfo_mnt_id("pos:\t0\n"), None);
+    }
+
+    fn entry(id: u64, point: &str, shared: Option<u64>, master: Option<u64>) -> MountEntry {
+        MountEntry {
+            id,
+            dev: (0, 50),
+            point: point.into(),
+            shared,
+            master,
+            fstype: "overlay".into(),
+            super_opts: "rw,upperdir=/r/upper/c/i".into(),
+        }
+    }
+
+    #[test]
+    fn copies_of_the_view_do_not_count_but_binds_and_open_files_do() {
+        let ns = |ns, pid, mounts| Namespace { ns, pid, mounts };
+        let mut scan = Scan {
+            own: vec![entry(10, "/r/merged/c/i", Some(5), None)],
+            others: vec![
+                ns(1, 100, vec![entry(11, "/r/merged/c/i", None, None)]), // cloned namespace
+                ns(
+                    2,
+                    200,
+                    vec![entry(12, "/host/pm/merged/c/i", None, Some(5))],
+                ), // propagated
+            ],
+            holders: HashMap::new(),
+        };
+        let (t, u) = (Path::new("/r/merged/c/i"), Path::new("/r/upper/c/i"));
+        assert!(!scan.users(t, u).in_use(), "copies alone are no users");
+        scan.holders.insert(11, BTreeSet::from([101]));
+        assert_eq!(scan.users(t, u).pids, vec![101], "a file open in a copy is");
+        scan.holders.clear();
+        // A container's bind mount, even at a path that looks like ours.
+        scan.others
+            .push(ns(3, 300, vec![entry(13, "/x/merged/c/i", None, None)]));
+        let users = scan.users(t, u);
+        assert_eq!(users.namespaces.len(), 1);
+        assert_eq!(users.namespaces[0].pid, 300);
+        // Our own view gone (plugin namespace restarted): found through its upper dir.
+        scan.own.clear();
+        assert!(scan.users(t, u).in_use());
     }
 
     #[test]
