@@ -87,6 +87,42 @@ enum Command {
         /// volume records idle that long. Off by default.
         #[arg(long, env = "CACHEDRIVER_MAX_IDLE", value_parser = crate::budget::parse_duration)]
         max_idle: Option<std::time::Duration>,
+        /// Seconds after a Mount during which a view no container has yet still counts as used
+        /// (the engine mounts it into the container after our reply).
+        #[arg(long, env = "CACHEDRIVER_ORPHAN_GRACE", default_value_t = crate::driver::DEFAULT_ORPHAN_GRACE.as_secs())]
+        orphan_grace: u64,
+        /// Seconds between sweeps that end sessions nobody uses (0: no sweep).
+        #[arg(long, env = "CACHEDRIVER_SWEEP_INTERVAL", default_value_t = 60)]
+        sweep_interval: u64,
+    },
+    /// List live sessions with who uses them (namespaces, containers, pids), from the kernel.
+    Sessions {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End one volume's session now (unmount and commit per its mode); refused while a container
+    /// or process still uses it.
+    End {
+        /// The volume.
+        volume: String,
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Throw the session's writes away instead of committing them.
+        #[arg(long)]
+        discard: bool,
+        /// Commit mode for volumes that do not set `-o commit=` (as the server's `--commit`).
+        #[arg(
+            long,
+            env = "CACHEDRIVER_COMMIT",
+            value_enum,
+            default_value = "replace"
+        )]
+        commit: CommitMode,
     },
     /// Flatten caches' latest chains now (all caches when none is named), then collect garbage.
     Compact {
@@ -202,6 +238,8 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             max_size,
             max_idle,
             metrics,
+            orphan_grace,
+            sweep_interval,
         } => {
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
@@ -211,14 +249,15 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 Store::open(&root).with_context(|| format!("opening store {}", root.display()))?;
             let kind =
                 crate::probe::resolve(backend, store.root(), &exe).map_err(|e| anyhow!(e))?;
-            let mut driver = Driver::new(
+            let mut driver = Driver::open(
                 store,
                 Config {
                     backend: kind,
                     commit,
                     exe,
                 },
-            )?;
+            )
+            .with_orphan_grace(std::time::Duration::from_secs(orphan_grace));
             let engine = crate::engine::Engine::new(engine_socket);
             driver.set_policy(crate::policy::Policy {
                 commit_on,
@@ -247,6 +286,12 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 let listener = crate::server::bind(&socket)?;
                 tracing::info!(socket = %socket.display(), root = %root.display(), backend = kind.as_str(),
                     commit = commit.as_str(), "serving");
+                // Recovery after binding (the engine's calls wait on the per-cache locks, never on
+                // a slow recovery of another cache), then the sweep.
+                crate::server::spawn_maintenance(
+                    driver.clone(),
+                    std::time::Duration::from_secs(sweep_interval),
+                );
                 crate::server::serve(listener, &socket, driver, shutdown_signal()).await
             });
             worker.stop();
@@ -261,6 +306,52 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             json,
         } => crate::maint_cli::gc(&open_store(&root)?, dry_run, json),
         Command::Rm { root, cache } => crate::maint_cli::rm(&open_store(&root)?, &cache),
+        Command::Sessions { root, json } => {
+            let d = offline_driver(&root, CommitMode::Replace)?;
+            let list = d.sessions().map_err(|e| anyhow!(e))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if list.is_empty() {
+                println!("no sessions");
+            }
+            for s in list {
+                let state = if s.users.in_use() {
+                    format!("used by {}", s.users.describe())
+                } else if s.users.mounted {
+                    "unused (ended by the next sweep, Mount or Remove)".into()
+                } else {
+                    "view not mounted (ended at startup or next Mount)".into()
+                };
+                println!(
+                    "{}\tcache={}\tbackend={}\tmounts={:?}\tstarted={}{}\t{}",
+                    s.volume,
+                    s.cache,
+                    s.backend,
+                    s.mounts,
+                    s.started_at,
+                    s.committing
+                        .map(|c| format!("\tcommitting={c}"))
+                        .unwrap_or_default(),
+                    state
+                );
+            }
+            Ok(())
+        }
+        Command::End {
+            volume,
+            root,
+            discard,
+            commit,
+        } => {
+            let d = offline_driver(&root, commit)?;
+            match d.end(&volume, discard).map_err(|e| anyhow!(e))? {
+                None => println!("{volume}: no session"),
+                Some(o) => println!("{volume}: session ended: {o:?}"),
+            }
+            Ok(())
+        }
         Command::Probe { root, json } => {
             let report = crate::probe::probe(&root, &own_exe()?);
             if json {
@@ -287,6 +378,20 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
 
 fn open_store(root: &std::path::Path) -> anyhow::Result<Store> {
     Store::open(root).with_context(|| format!("opening store {}", root.display()))
+}
+
+/// A driver for a one-shot command next to (or instead of) a server: no recovery, no probe
+/// (ending a session uses the backend that mounted it).
+fn offline_driver(root: &std::path::Path, commit: CommitMode) -> anyhow::Result<Driver> {
+    let store = Store::open(root).with_context(|| format!("opening store {}", root.display()))?;
+    Ok(Driver::open(
+        store,
+        Config {
+            backend: crate::backend::BackendKind::Kernel,
+            commit,
+            exe: own_exe()?,
+        },
+    ))
 }
 
 async fn shutdown_signal() {

@@ -6,10 +6,13 @@
 //! and writes them back. Operations on different caches never wait on each other. All methods
 //! block: the server calls them from `spawn_blocking`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -18,11 +21,16 @@ use crate::commit::{self, Outcome};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{create_dir_all_durable, now_rfc3339, remove_tree};
 use crate::names::{parse_volume, validate_volume, CommitMode, VolumeOptions};
+use crate::sessions;
 use crate::state::XattrNs;
 use crate::store::{CacheLock, Session, Store, VolumeRecord};
 
 /// Longest mount ID we accept (Docker sends 64 hex digits).
 const MAX_MOUNT_ID: usize = 256;
+
+/// How long after a Mount a session counts as in use even though no container has its view yet
+/// (the engine bind-mounts it into the container only after our reply).
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(30);
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -57,29 +65,95 @@ pub struct Driver {
     xattr: XattrNs,
     policy: crate::policy::Policy,
     maintenance: std::sync::OnceLock<crate::maintenance::Notifier>,
+    /// Bumped by every `Plugin.Activate`: an engine that activates us again has restarted.
+    generation: AtomicU64,
+    /// (volume, mount ID) → the generation in which that ID was last counted.
+    counted_in: Mutex<HashMap<(String, String), u64>>,
+    /// Volume → when this process last mounted it (see [`DEFAULT_ORPHAN_GRACE`]).
+    last_mount: Mutex<HashMap<String, Instant>>,
+    orphan_grace: Duration,
+    /// Set while a sweep runs, so sweeps never pile up.
+    pub(crate) sweeping: AtomicBool,
 }
 
 impl Driver {
-    /// A driver over `store`. Reports sessions found from an earlier run.
+    /// A driver over `store`, after startup recovery ([`Driver::recover`]) has resolved what an
+    /// earlier run left: orphaned sessions, commits cut short, temp files.
     pub fn new(store: Store, config: Config) -> Result<Self> {
+        let d = Self::open(store, config);
+        d.recover()?;
+        Ok(d)
+    }
+
+    /// A driver over `store` without startup recovery (the server runs [`Driver::recover`] on a
+    /// thread after binding its socket; the per-cache locks keep requests consistent meanwhile).
+    pub fn open(store: Store, config: Config) -> Self {
         let backend = backend::for_kind(config.backend, &config.exe);
-        let d = Driver {
+        Driver {
             store,
             backend,
             xattr: XattrNs::for_this_process(),
             config,
             policy: crate::policy::Policy::default(),
             maintenance: std::sync::OnceLock::new(),
-        };
-        for v in d.store.list_volumes()? {
-            if let Some(s) = &v.session {
-                let merged = d.store.merged_dir(&v.cache, &v.id);
-                let live = d.backend_for(s.backend).is_mounted(&merged);
-                tracing::info!(volume = %v.name, backend = s.backend.as_str(), mounts = s.mount_count(), live,
-                    "found session from an earlier run{}", if live { "" } else { "; it is remounted on its next Mount" });
-            }
+            generation: AtomicU64::new(0),
+            counted_in: Mutex::new(HashMap::new()),
+            last_mount: Mutex::new(HashMap::new()),
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
+            sweeping: AtomicBool::new(false),
         }
-        Ok(d)
+    }
+
+    /// Sets how long after a Mount an unused view still counts as used (default
+    /// [`DEFAULT_ORPHAN_GRACE`]).
+    pub fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
+    }
+
+    /// `Plugin.Activate`: the engine (re)started. IDs counted before this are suspect: a Mount of
+    /// one of them resets its count instead of adding to it.
+    pub fn activate(&self) {
+        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::info!(generation = g, "activated by the engine");
+    }
+
+    fn note_mount(&self, name: &str, id: &str) {
+        let g = self.generation.load(Ordering::SeqCst);
+        if let Ok(mut m) = self.counted_in.lock() {
+            m.insert((name.to_string(), id.to_string()), g);
+        }
+        if let Ok(mut m) = self.last_mount.lock() {
+            m.insert(name.to_string(), Instant::now());
+        }
+    }
+
+    /// Drops what memory holds about an ended session's mounts (bounded by live sessions).
+    fn forget_mounts(&self, name: &str) {
+        if let Ok(mut m) = self.counted_in.lock() {
+            m.retain(|(v, _), _| v != name);
+        }
+        if let Ok(mut m) = self.last_mount.lock() {
+            m.remove(name);
+        }
+    }
+
+    /// True while `name` was mounted by this process within the orphan grace period.
+    pub(crate) fn recently_mounted(&self, name: &str) -> bool {
+        self.last_mount
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).copied())
+            .is_some_and(|t| t.elapsed() < self.orphan_grace)
+    }
+
+    fn counted_before_activate(&self, name: &str, id: &str) -> bool {
+        let g = self.generation.load(Ordering::SeqCst);
+        self.counted_in
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(name.to_string(), id.to_string())).copied())
+            .is_some_and(|when| when < g)
     }
 
     /// The store this driver works on.
@@ -145,6 +219,7 @@ impl Driver {
                 vn.cache, vn.id, other.name
             )));
         }
+        crate::failpoint!("driver::create_before_record");
         self.store.save_volume(&VolumeRecord {
             name: name.to_string(),
             cache: vn.cache,
@@ -160,24 +235,36 @@ impl Driver {
 
     /// Takes the lock of the volume's cache and reads the volume's record under it: the record
     /// read before the lock (to learn the cache) may be stale by the time the lock is held.
-    fn lock_volume(&self, name: &str) -> Result<(CacheLock, VolumeRecord)> {
+    pub(crate) fn lock_volume(&self, name: &str) -> Result<(CacheLock, VolumeRecord)> {
         let cache = self.volume(name)?.cache;
         let lock = self.store.lock_cache(&cache)?;
         Ok((lock, self.volume(name)?))
     }
 
-    /// Forgets a volume; refused while it is mounted. Unknown volumes are already gone.
+    /// Forgets a volume. A mounted volume is refused while some container uses its view; a
+    /// session nobody uses any more is ended first (committed per its mode). Unknown volumes
+    /// are already gone.
     pub fn remove(&self, name: &str) -> Result<()> {
-        let (_lock, rec) = match self.lock_volume(name) {
+        let (_lock, mut rec) = match self.lock_volume(name) {
             Err(Error::NoSuchVolume(_)) => return Ok(()),
             r => r?,
         };
+        self.settle(&mut rec)?;
         if let Some(s) = &rec.session {
-            return Err(Error::InUse {
-                volume: name.to_string(),
-                mounts: s.mount_count(),
-            });
+            let users = sessions::users(
+                &self.store.merged_dir(&rec.cache, &rec.id),
+                &self.store.upper_dir(&rec.cache, &rec.id),
+            );
+            if users.in_use() {
+                tracing::info!(volume = name, users = %users.describe(), "remove refused: in use");
+                return Err(Error::InUse {
+                    volume: name.to_string(),
+                    mounts: s.mount_count().max(1),
+                });
+            }
+            self.end_session(&mut rec, "volume removed; nobody uses its view")?;
         }
+        crate::failpoint!("driver::remove_before_delete");
         self.store.delete_volume(name)?;
         tracing::info!(volume = name, "removed");
         Ok(())
@@ -236,34 +323,75 @@ impl Driver {
 
     /// Mounts the volume for mount `id`: starts a session on the cache's latest snapshot, or
     /// joins the running one. Returns the merged dir.
+    ///
+    /// A session nobody uses any more (see [`crate::sessions`]) is the engine having lost its
+    /// containers: a Mount of an ID it still counts resets the counts, a Mount of a new ID ends
+    /// the orphaned session (committed per its mode) and starts a fresh one.
     pub fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         Self::check_mount_id(id)?;
         let started = std::time::Instant::now();
         let (_lock, mut rec) = self.lock_volume(name)?;
         crate::budget::mark_used(&self.store, &rec.cache);
+        self.settle(&mut rec)?;
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
         if let Some(s) = rec.session.clone() {
-            if !self.backend_for(s.backend).is_mounted(&merged) {
+            let upper = self.store.upper_dir(&rec.cache, &rec.id);
+            let users = sessions::users(&merged, &upper);
+            let counted = s.mounts.contains_key(id);
+            if !users.in_use() && (s.mounts.is_empty() || !self.recently_mounted(name)) {
+                if counted {
+                    tracing::warn!(volume = name, id, stale = ?s.mounts,
+                        "nobody uses the session's view: the engine restarted; resetting its mount counts");
+                    if let Some(sess) = rec.session.as_mut() {
+                        sess.mounts.clear();
+                    }
+                } else {
+                    self.end_session(&mut rec, "orphaned (nobody uses its view)")?;
+                }
+            } else if counted && self.counted_before_activate(name, id) {
                 tracing::warn!(
                     volume = name,
-                    "session view is not mounted (host or plugin restart?): remounting"
+                    id,
+                    "ID counted before the engine's new Plugin.Activate: resetting its count"
                 );
-                let pid = self.mount_view(&rec, &s)?;
                 if let Some(sess) = rec.session.as_mut() {
-                    sess.pid = pid;
+                    sess.mounts.remove(id);
                 }
             }
-            if let Some(sess) = rec.session.as_mut() {
-                *sess.mounts.entry(id.to_string()).or_insert(0) += 1;
+            if rec.session.is_some() {
+                if !users.mounted && users.in_use() {
+                    return Err(Error::Conflict(format!(
+                        "volume {name:?}: the session's view is no longer mounted here but is still used by {}; \
+                         stop those containers first",
+                        users.describe()
+                    )));
+                }
+                if !users.mounted || !self.backend_for(s.backend).is_mounted(&merged) {
+                    tracing::warn!(
+                        volume = name,
+                        "session view is not mounted (host or plugin restart?): remounting"
+                    );
+                    crate::failpoint!("driver::mount_before_remount");
+                    let pid = self.mount_view(&rec, &s)?;
+                    if let Some(sess) = rec.session.as_mut() {
+                        sess.pid = pid;
+                    }
+                }
+                if let Some(sess) = rec.session.as_mut() {
+                    *sess.mounts.entry(id.to_string()).or_insert(0) += 1;
+                }
+                crate::failpoint!("driver::mount_before_join_record");
+                self.store.save_volume(&rec)?;
+                self.note_mount(name, id);
+                tracing::info!(volume = name, id, "joined session");
+                return Ok(merged);
             }
-            self.store.save_volume(&rec)?;
-            tracing::info!(volume = name, id, "joined session");
-            return Ok(merged);
         }
         let mut state = self.store.ensure_cache(&rec.cache, self.xattr)?;
         let opts = VolumeOptions::parse(&rec.options)?;
         let lowers = crate::scope::start(&self.store, &rec.cache, &mut state, &opts)?.lowers;
         let base = lowers[0].clone();
+        crate::failpoint!("driver::mount_before_upper");
         let root_attrs = self.prepare_upper(&rec, &self.store.layer_dir(&rec.cache, &base))?;
         let session = Session {
             base,
@@ -277,15 +405,19 @@ impl Driver {
         };
         // Record the session before mounting: a crash after the mount leaves a record naming it.
         rec.session = Some(session.clone());
+        crate::failpoint!("driver::mount_before_record");
         self.store.save_volume(&rec)?;
+        crate::failpoint!("driver::mount_before_view");
         match self.mount_view(&rec, &session) {
             Ok(pid) => {
+                crate::failpoint!("driver::mount_after_view");
                 if pid.is_some() {
                     if let Some(s) = rec.session.as_mut() {
                         s.pid = pid;
                     }
                     self.store.save_volume(&rec)?;
                 }
+                self.note_mount(name, id);
                 tracing::info!(volume = name, id, base = %session.base, layers = session.lowers.len(),
                     backend = session.backend.as_str(), "session started");
                 let hit = session.lowers.iter().any(|l| l != "0");
@@ -303,46 +435,128 @@ impl Driver {
     }
 
     /// Ends mount `id` of the volume; the last one unmounts the view and commits the session.
+    ///
+    /// The decremented count is written before the view is touched, so an Unmount that fails
+    /// (busy view, commit error) leaves a durable record of a session with no mounts left: the
+    /// sweep and startup recovery end it once nobody uses it. A view some other container still
+    /// has (live-restore, or counts reset by an engine restart) is kept until it is unused.
     pub fn unmount(&self, name: &str, id: &str) -> Result<()> {
         Self::check_mount_id(id)?;
         let (_lock, mut rec) = self.lock_volume(name)?;
+        self.settle(&mut rec)?;
         let not_mounted = || Error::NotMounted {
             volume: name.to_string(),
             id: id.to_string(),
         };
         let Some(s) = rec.session.as_mut() else {
-            return Err(not_mounted());
+            // The session was ended without this Unmount (orphan rule, recovery, `end`), e.g.
+            // while its container stopped during a plugin restart: its writes are committed.
+            tracing::info!(
+                volume = name,
+                id,
+                "unmount of a volume whose session already ended"
+            );
+            return Ok(());
         };
-        let Some(count) = s.mounts.get_mut(id) else {
+        let draining = s.mounts.is_empty();
+        if let Some(count) = s.mounts.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                s.mounts.remove(id);
+            }
+        } else if draining {
+            // No counts left, but the session waited for its last user (counts reset by an
+            // engine restart while a live-restored container kept the view): this Unmount may
+            // be that container stopping, so end the session now if nobody uses it.
+            tracing::info!(
+                volume = name,
+                id,
+                "unmount of a session waiting for its last user"
+            );
+        } else {
             return Err(not_mounted());
-        };
-        *count -= 1;
-        if *count == 0 {
-            s.mounts.remove(id);
         }
         if !s.mounts.is_empty() {
+            crate::failpoint!("driver::unmount_before_leave_record");
             self.store.save_volume(&rec)?;
             tracing::info!(volume = name, id, "left session");
             return Ok(());
         }
-        let session = s.clone();
+        let merged = self.store.merged_dir(&rec.cache, &rec.id);
+        let users = sessions::users(&merged, &self.store.upper_dir(&rec.cache, &rec.id));
+        if users.in_use() {
+            self.store.save_volume(&rec)?;
+            tracing::warn!(volume = name, id, users = %users.describe(),
+                "last Unmount, but the view is still used: the session ends once nobody uses it");
+            return Ok(());
+        }
+        crate::failpoint!("driver::unmount_before_end");
+        match self.end_session(&mut rec, "last unmount") {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Whatever failed, the record must say the count is gone (and, if the commit
+                // got that far, which layer it was writing); recovery and the sweep retry.
+                if let Err(e2) = self.store.save_volume(&rec) {
+                    tracing::error!(volume = name, error = %e2, "could not record the failed unmount");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Finishes a commit that a crash cut short (`session.committing` set), under the cache lock.
+    pub(crate) fn settle(&self, rec: &mut VolumeRecord) -> Result<()> {
+        if rec.session.as_ref().is_none_or(|s| s.committing.is_none()) {
+            return Ok(());
+        }
+        let mode = rec.commit.unwrap_or(self.config.commit);
+        if let Some(outcome) = commit::finish(&self.store, rec, mode)? {
+            let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
+            rec.session = None;
+            crate::failpoint!("recovery::before_clear_session");
+            self.store.save_volume(rec)?;
+            tracing::info!(volume = %rec.name, ?outcome, "interrupted commit finished");
+        }
+        Ok(())
+    }
+
+    /// Ends `rec`'s session as a last Unmount does: unmounts the view, commits per the volume's
+    /// mode, clears the session. The caller holds the cache lock and has decided nobody uses it.
+    pub(crate) fn end_session(&self, rec: &mut VolumeRecord, why: &str) -> Result<Outcome> {
+        let mode = rec.commit.unwrap_or(self.config.commit);
+        self.end_session_as(rec, mode, why)
+    }
+
+    /// [`Driver::end_session`] with an explicit commit mode.
+    pub(crate) fn end_session_as(
+        &self,
+        rec: &mut VolumeRecord,
+        mode: CommitMode,
+        why: &str,
+    ) -> Result<Outcome> {
+        let Some(session) = rec.session.clone() else {
+            return Ok(Outcome::Empty);
+        };
+        let name = rec.name.clone();
         let merged = self.store.merged_dir(&rec.cache, &rec.id);
         let t0 = std::time::Instant::now();
+        crate::failpoint!("driver::end_before_unmount");
         self.backend_for(session.backend)
             .unmount(&merged, session.pid)?;
-        let mode = self.policy.decide(
-            name,
-            &rec.options,
-            &session.started_at,
-            rec.commit.unwrap_or(self.config.commit),
-        );
         let t1 = std::time::Instant::now();
-        let outcome = commit::commit(&self.store, &rec, &session, mode)?;
+        // commit-on=success: a session some failed container used is discarded.
+        let mode = self
+            .policy
+            .decide(&name, &rec.options, &session.started_at, mode);
+        crate::failpoint!("driver::end_before_commit");
+        let outcome = commit::commit(&self.store, rec, mode)?;
         crate::maintenance::after_commit(&self.store, &rec.cache, &outcome, self.maintenance.get());
         let t2 = std::time::Instant::now();
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;
-        self.store.save_volume(&rec)?;
+        crate::failpoint!("driver::end_before_clear");
+        self.store.save_volume(rec)?;
+        self.forget_mounts(&name);
         crate::metrics::session_ended(
             &rec.cache,
             match &outcome {
@@ -358,6 +572,7 @@ impl Driver {
         match &outcome {
             Outcome::Committed { layer, parent } => tracing::info!(
                 volume = name,
+                why,
                 layer,
                 parent,
                 mode = mode.as_str(),
@@ -368,12 +583,15 @@ impl Driver {
             ),
             Outcome::Empty => tracing::info!(
                 volume = name,
+                why,
                 unmount_us,
                 "session changed nothing; no commit"
             ),
-            Outcome::Discarded => tracing::info!(volume = name, unmount_us, "session discarded"),
+            Outcome::Discarded => {
+                tracing::info!(volume = name, why, unmount_us, "session discarded")
+            }
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// The merged dir if mounted.

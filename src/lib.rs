@@ -7,6 +7,8 @@
 //! - [`commit`]: O(1) promotion of a session's upper dir to a layer.
 //! - [`backend`]: kernel overlayfs and the FUSE union filesystem behind one trait.
 //! - [`driver`]: the one place where every state change happens.
+//! - [`sessions`], [`recovery`]: who uses a session (from the kernel); orphaned sessions, startup
+//!   recovery, the sweep.
 //! - [`protocol`], [`server`]: the Docker VolumeDriver protocol over a unix socket.
 //! - [`probe`], [`ls`]: what works on this host; what the store holds.
 //! - [`gc`], [`budget`], [`maintenance`]: garbage collection, the disk budget, and the
@@ -35,7 +37,9 @@ pub mod preflight;
 pub mod probe;
 pub mod progress;
 pub mod protocol;
+pub mod recovery;
 pub mod scope;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod store;

@@ -160,7 +160,10 @@ pub fn request_name(body: &[u8]) -> Option<String> {
 /// Handles one request. Blocking: call it off the async runtime.
 pub fn handle(driver: &Driver, ep: Endpoint, body: &[u8]) -> Reply {
     let r: Result<Value, Error> = (|| match ep {
-        Endpoint::Activate => Ok(json!({ "Implements": ["VolumeDriver"] })),
+        Endpoint::Activate => {
+            driver.activate();
+            Ok(json!({ "Implements": ["VolumeDriver"] }))
+        }
         Endpoint::Capabilities => Ok(json!({ "Capabilities": { "Scope": "local" } })),
         Endpoint::Create => {
             let r: CreateReq = parse(ep, body)?;

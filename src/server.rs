@@ -108,6 +108,32 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
+/// Starts the background work of a server on its own thread: startup recovery first, then a
+/// sweep of orphaned sessions every `sweep` (none when zero). Blocking work, off the runtime.
+pub fn spawn_maintenance(driver: Arc<Driver>, sweep: std::time::Duration) {
+    let r = std::thread::Builder::new()
+        .name("recovery-sweep".into())
+        .spawn(move || {
+            if let Err(e) = driver.recover() {
+                tracing::error!(error = %e, "startup recovery failed; the sweep retries");
+            }
+            if sweep.is_zero() {
+                return;
+            }
+            loop {
+                std::thread::sleep(sweep);
+                match driver.sweep() {
+                    Some(0) => tracing::debug!("sweep: no orphaned session"),
+                    Some(n) => tracing::info!(ended = n, "sweep ended orphaned sessions"),
+                    None => tracing::debug!("sweep skipped: the previous one still runs"),
+                }
+            }
+        });
+    if let Err(e) = r {
+        tracing::error!(error = %e, "could not start the recovery thread");
+    }
+}
+
 /// Serves requests on `listener` until `shutdown` completes, then removes the socket.
 pub async fn serve(
     listener: UnixListener,

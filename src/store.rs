@@ -220,6 +220,18 @@ impl Store {
         .map(|l| MaintenanceLock { _lock: l })
     }
 
+    /// Takes the cache's lock if nobody holds it (`None` when busy), for background work that
+    /// should skip a busy cache rather than wait.
+    pub fn try_lock_cache(&self, cache: &str) -> Result<Option<CacheLock>> {
+        let dir = self.cache_dir(cache);
+        let file = File::open(&dir).ctx("opening cache dir for locking", &dir)?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(CacheLock { _lock: l })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(Error::io("locking cache dir", &dir, e.into())),
+        }
+    }
+
     /// The cache's state, or `None` if it was never used.
     pub fn load_state(&self, cache: &str) -> Result<Option<CacheState>> {
         let p = self.state_path(cache);

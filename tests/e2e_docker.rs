@@ -10,8 +10,9 @@
 //! Scenarios (each on the kernel and on the FUSE backend): the seed walkthrough
 //! ([`walkthrough`]), parity with Docker's `local` driver ([`parity`], the `local` driver is the
 //! oracle; its determinism is proven first by `parity-oracle-selftest`), session sharing and
-//! concurrent merges ([`sessions`]), plugin and dockerd restarts ([`restart`]), Podman
-//! ([`podman`]), and the Docker managed plugin built by `plugin/build.sh` ([`managed`]).
+//! concurrent merges ([`sessions`]), plugin and dockerd restarts ([`restart`]), dockerd killed
+//! with SIGKILL while containers run ([`orphans`]), Podman ([`podman`]), and the Docker managed
+//! plugin built by `plugin/build.sh` ([`managed`]).
 //!
 //! Run: `sudo -E cargo test --test e2e_docker` (root needed). Output: one `ok`/`FAILED` line per
 //! scenario, failure details with log tails, and `e2e: N passed, M failed`.
@@ -29,8 +30,8 @@ use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;
 use e2e::plugin::Backend;
 use e2e::{
-    managed, parity, podman, policy, restart, scopes, sessions, store_perms, util, walkthrough,
-    Harness,
+    managed, orphans, parity, podman, policy, restart, scopes, sessions, store_perms, util,
+    walkthrough, Harness,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -98,6 +99,16 @@ fn scenarios() -> Vec<(String, ScenarioFn)> {
         v.push((
             format!("dockerd-restart-{}", b.as_str()),
             Box::new(move |h: &Harness| restart::dockerd_restart(h, b)),
+        ));
+    }
+    for b in [Backend::Kernel, Backend::Fuse] {
+        v.push((
+            format!("dockerd-sigkill-{}", b.as_str()),
+            Box::new(move |h: &Harness| orphans::dockerd_sigkill(h, b)),
+        ));
+        v.push((
+            format!("dockerd-sigkill-live-restore-{}", b.as_str()),
+            Box::new(move |h: &Harness| orphans::dockerd_sigkill_live_restore(h, b)),
         ));
     }
     // also restarts dockerd, so it runs with the restarts

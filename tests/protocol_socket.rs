@@ -147,6 +147,13 @@ async fn docker_and_podman_requests_over_the_socket() {
         Some(mp.clone())
     );
 
+    // A running container of the volume (a volume nobody uses any more would be removable).
+    let mut container = Command::new("sleep")
+        .arg("600")
+        .current_dir(&mp)
+        .spawn()
+        .expect("sleep");
+
     // Bad input: a clear Err with a non-200 status, and the server keeps serving.
     for (ep, body, want) in [
         ("/VolumeDriver.Create", "not json", 400),
@@ -172,6 +179,8 @@ async fn docker_and_podman_requests_over_the_socket() {
     let big = vec![b' '; 2 << 20];
     let (st, v) = call(s, "/VolumeDriver.Create", big).await;
     assert_eq!(st, 413, "{v}");
+    let _ = container.kill();
+    let _ = container.wait();
 
     let (st, _) = call(
         s,
@@ -197,6 +206,12 @@ async fn sigterm_stops_cleanly_and_sessions_survive_a_restart() {
     let (_, v) = call(&s, "/VolumeDriver.Mount", r#"{"Name":"rs-a","ID":"x"}"#).await;
     let mp = PathBuf::from(v["Mountpoint"].as_str().expect("Mountpoint"));
     std::fs::write(mp.join("f"), "1").expect("write");
+    // Its container keeps running across the plugin restart.
+    let mut container = Command::new("sleep")
+        .arg("600")
+        .current_dir(&mp)
+        .spawn()
+        .expect("sleep");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(p.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -228,6 +243,8 @@ async fn sigterm_stops_cleanly_and_sessions_survive_a_restart() {
     }
     let (_, v) = call(&s, "/VolumeDriver.Get", r#"{"Name":"rs-a"}"#).await;
     assert_eq!(v["Volume"]["Status"]["state"], "mounted", "{v}");
+    let _ = container.kill();
+    let _ = container.wait();
     let (st, _) = call(&s, "/VolumeDriver.Unmount", r#"{"Name":"rs-a","ID":"x"}"#).await;
     assert_eq!(st, 200);
     let state = std::fs::read_to_string(p.root().join("lower/rs/cache-state.json")).expect("state");

@@ -144,6 +144,29 @@ impl Drop for Fixture {
     }
 }
 
+/// A stand-in for a running container: a child process whose cwd is in the view (the plugin's
+/// own process never counts as a user of a view). Killed on drop.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn new(view: &Path) -> Self {
+        Holder(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .current_dir(view)
+                .spawn()
+                .expect("spawning sleep"),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn each(mode: CommitMode, f: impl Fn(&Fixture)) {
     for kind in backends() {
         eprintln!("-- backend {}", kind.as_str());
@@ -264,6 +287,8 @@ fn registry_and_sessions_survive_a_restart() {
         fx.create("r-idle", &[]);
         let m = fx.mount("r-one", "A");
         fs::write(m.join("f"), "x").unwrap();
+        // The container keeps running across the plugin restart.
+        let container = Holder::new(&m);
         let before = fx.driver.get("r-one").unwrap();
         fx.restart();
         let after = fx.driver.get("r-one").unwrap();
@@ -276,6 +301,7 @@ fn registry_and_sessions_survive_a_restart() {
             "x",
             "view survived"
         );
+        drop(container);
         fx.unmount("r-one", "A");
         assert_eq!(fx.latest("r"), "one");
     }
@@ -425,7 +451,9 @@ fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 fn bad_requests_get_an_err_and_change_nothing() {
     each(CommitMode::Replace, |fx| {
         fx.create("bad-ok", &[]);
-        fx.mount("bad-ok", "held");
+        let view = fx.mount("bad-ok", "held");
+        // A running container of the volume (a volume nobody uses would be removable).
+        let _container = Holder::new(&view);
         let before = durable_state(fx.root());
         let cases: &[(Endpoint, &str, u16, &str)] = &[
             (Endpoint::Create, "{", 400, "bad request"),

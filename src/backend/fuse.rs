@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 const START_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long to wait for a server to exit after its unmount.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a mount may take to answer a `stat` before we call its server hung.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// cachedriver-fuse, run as `<exe> fuse -o ... MOUNTPOINT`.
 #[derive(Debug)]
@@ -59,6 +61,38 @@ fn alive(pid: i32) -> bool {
         return false;
     }
     true
+}
+
+/// True when `pid` is a `cachedriver fuse` server for `target` (its command line names it), so a
+/// pid recorded before a reboot and reused since is never waited for or killed.
+fn serves(pid: i32, target: &Path) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    use std::os::unix::ffi::OsStrExt;
+    args.iter().any(|a| *a == b"fuse") && args.iter().any(|a| *a == target.as_os_str().as_bytes())
+}
+
+fn kill_and_wait(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// True when `pid` is stopped (SIGSTOP, ptrace): it will not exit on its own.
+fn stopped(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    matches!(
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next()),
+        Some('T') | Some('t')
+    )
 }
 
 impl Backend for Fuse {
@@ -141,6 +175,14 @@ impl Backend for Fuse {
     }
 
     fn unmount(&self, target: &Path, pid: Option<i32>) -> Result<()> {
+        if let Some(p) = pid.filter(|p| serves(*p, target)) {
+            if stopped(p) || crate::sessions::probe_stuck(target) {
+                // A hung server: requests stuck in it pin the mount (EBUSY) and it would never
+                // exit. Killing it aborts the connection; the unmount then goes through.
+                tracing::warn!(pid = p, target = %target.display(), "FUSE server does not answer: killing it before the unmount");
+                kill_and_wait(p);
+            }
+        }
         if let Err(e) = unmount_path(target) {
             // Without CAP_SYS_ADMIN over this mount, fusermount3 may still be allowed.
             let ok = Command::new("fusermount3")
@@ -154,14 +196,25 @@ impl Backend for Fuse {
                 return Err(e);
             }
         }
-        if let Some(pid) = pid {
+        if let Some(pid) = pid.filter(|p| serves(*p, target)) {
             // The server must have finished every request before the upper dir is renamed.
-            let deadline = Instant::now() + EXIT_TIMEOUT;
+            let deadline = if stopped(pid) {
+                Instant::now()
+            } else {
+                Instant::now() + EXIT_TIMEOUT
+            };
             while alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if alive(pid) {
-                tracing::warn!(pid, "FUSE server still running after unmount");
+                // A stopped or hung server never exits, and it still holds the upper dir's files:
+                // kill it (only if it is the server of this mount, not a reused pid).
+                if serves(pid, target) {
+                    tracing::warn!(pid, "FUSE server did not exit after unmount: killing it");
+                    kill_and_wait(pid);
+                } else {
+                    tracing::warn!(pid, "FUSE server still running after unmount");
+                }
             }
         }
         Ok(())
@@ -173,8 +226,13 @@ impl Backend for Fuse {
         if !crate::fsutil::mount_fstype(target).is_some_and(|t| t.starts_with("fuse")) {
             return false;
         }
-        match std::fs::metadata(target) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        // Never a plain stat: a hung server would hang the request (and startup) with it.
+        match crate::sessions::stat_with_timeout(target, PROBE_TIMEOUT) {
+            None => {
+                tracing::warn!(target = %target.display(), "FUSE server of this mount does not answer; treating it as mounted");
+                true
+            }
+            Some(Err(e)) if e.raw_os_error() == Some(libc::ENOTCONN) => {
                 tracing::warn!(target = %target.display(), "FUSE server of this mount is gone; detaching the dead mount");
                 let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
                 false

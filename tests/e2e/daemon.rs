@@ -167,6 +167,34 @@ impl Dockerd {
         self.spawn()
     }
 
+    /// Kills dockerd with SIGKILL, as a crash or the OOM killer would: no container is stopped
+    /// and no volume unmounted. Its own containerd is killed too (it logs through a pipe to
+    /// dockerd and hangs once nobody reads it); the containers' shims live on. Then starts
+    /// dockerd again on the same data.
+    pub fn kill_and_restart(&self) -> Result<()> {
+        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut child) = child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ctrd_pid = self.dir.join("exec/containerd/containerd.pid");
+        if let Some(pid) = util::read_pidfile(&ctrd_pid) {
+            if util::pid_matches(pid, &self.dir.to_string_lossy()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = util::wait_for(Duration::from_secs(10), "containerd to die", || {
+                    (!util::pid_alive(pid)).then_some(())
+                });
+            }
+        }
+        // Its zombie may outlive it (our pid 1 need not reap promptly), and dockerd would
+        // take the pid file's process for a live containerd and wait for it forever.
+        let _ = fs::remove_file(&ctrd_pid);
+        self.spawn()
+    }
+
     /// `-H unix://...` value for the CLI.
     pub fn host(&self) -> String {
         format!("unix://{}", self.sock.display())

@@ -6,12 +6,13 @@
 //! - [`plugin`]: `cachedriver serve` as a legacy plugin.
 //! - [`harness`]: preconditions, per-run setup/teardown, per-scenario [`harness::Scope`].
 //! - scenarios: [`walkthrough`], [`parity`], [`restart`], [`sessions`], [`podman`], [`managed`],
-//!   [`policy`], [`scopes`], [`store_perms`].
+//!   [`policy`], [`scopes`], [`store_perms`], [`orphans`].
 
 pub mod daemon;
 pub mod harness;
 pub mod image;
 pub mod managed;
+pub mod orphans;
 pub mod parity;
 pub mod plugin;
 pub mod podman;

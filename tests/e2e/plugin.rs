@@ -68,6 +68,8 @@ pub struct Plugin {
     managed: Option<Managed>,
     /// Further `serve` arguments (e.g. `--engine-socket`).
     pub extra_args: Vec<String>,
+    /// Extra environment for the next (re)start, e.g. a short `CACHEDRIVER_SWEEP_INTERVAL`.
+    pub env: Vec<(String, String)>,
 }
 
 /// A managed plugin: `docker plugin create`d from plugin/build.sh, run by dockerd itself.
@@ -104,6 +106,7 @@ impl Plugin {
             pidfile: dir.join("plugin.pid"),
             managed: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         };
         p.spawn()?;
         Ok(p)
@@ -180,6 +183,7 @@ impl Plugin {
             pidfile: dir.join("unused.pid"),
             managed: Some(m),
             extra_args: Vec::new(),
+            env: Vec::new(),
         };
         let t = Instant::now();
         p.spawn()?;
@@ -244,6 +248,7 @@ impl Plugin {
             }
             None => {}
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env(
             "RUST_LOG",
             std::env::var("CACHEDRIVER_E2E_RUST_LOG").unwrap_or_else(|_| "debug".into()),

@@ -1,0 +1,339 @@
+//! Ending sessions outside a normal last Unmount: startup recovery, the periodic sweep, and the
+//! operator's `cachedriver sessions` / `cachedriver end`.
+//!
+//! Startup recovery (DESIGN §6), for every session record, under its cache's lock:
+//! - a commit cut short (`session.committing` set) is finished first ([`crate::commit::finish`]);
+//! - a view that some container still uses is kept (re-attached: its next Unmount commits it);
+//! - a view mounted but unused, or gone (host reboot), is ended per the rule of
+//!   [`crate::sessions`]: unmounted and committed per its mode.
+//!
+//! Then, per cache: stale temp files of [`crate::fsutil::atomic_write`] (`.NAME.tmp-PID` whose
+//! process is gone) are removed, and `upper/<cache>/.orphan-*` dirs (an upper that a Mount found
+//! without a session record, moved aside rather than lost) are resolved: an empty one is removed,
+//! one holding files is committed as a merge layer on the cache's latest snapshot (its writes
+//! survive, as they would on a `local` volume), both logged.
+//!
+//! Nothing here looks inside a view: liveness comes from `/proc` only, so a hung FUSE server
+//! cannot block startup (its unmount aborts the connection; a server that does not exit is
+//! killed by the backend).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::commit::Outcome;
+use crate::driver::Driver;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{fsync_dir, remove_tree};
+use crate::names::CommitMode;
+use crate::sessions::{self, Users};
+use crate::store::VolumeRecord;
+
+/// What startup recovery did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecoveryReport {
+    /// Sessions whose view is still used: kept.
+    pub kept: Vec<String>,
+    /// Sessions ended (committed per mode).
+    pub ended: Vec<String>,
+    /// Interrupted commits finished.
+    pub finished: Vec<String>,
+    /// Sessions that could not be ended (error text); retried by the sweep.
+    pub failed: Vec<(String, String)>,
+    /// Temp files and orphan uppers removed or committed.
+    pub cleaned: Vec<String>,
+}
+
+/// One session, for `cachedriver sessions`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    /// The volume.
+    pub volume: String,
+    /// Its cache.
+    pub cache: String,
+    /// Backend of the view.
+    pub backend: String,
+    /// Outstanding Mount calls per mount ID.
+    pub mounts: std::collections::BTreeMap<String, u32>,
+    /// When it started.
+    pub started_at: String,
+    /// A commit in progress (or cut short).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub committing: Option<String>,
+    /// Who uses its view.
+    pub users: Users,
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Removes `.NAME.tmp-PID` files in `dir` whose writer is gone (or is a previous incarnation
+/// of us, at startup).
+fn remove_stale_temps(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let me = std::process::id() as i32;
+    let mut removed = false;
+    for e in rd.flatten() {
+        let Some(n) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let Some(pid) = n
+            .strip_prefix('.')
+            .and_then(|r| r.rsplit_once(".tmp-"))
+            .and_then(|(_, p)| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != me && pid_alive(pid) {
+            continue;
+        }
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            crate::failpoint!("recovery::remove_temp");
+            fs::remove_file(e.path()).ctx("removing stale temp file", &e.path())?;
+            tracing::info!(file = %e.path().display(), "removed a stale temp file");
+            report.cleaned.push(e.path().display().to_string());
+            removed = true;
+        }
+    }
+    if removed {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+impl Driver {
+    /// Startup recovery (see the module doc). Errors of one session are logged and reported,
+    /// never stop the others.
+    pub fn recover(&self) -> Result<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+        crate::failpoint!("recovery::start");
+        remove_stale_temps(&self.store().root().join("volumes"), &mut report)?;
+        for v in self.store().list_volumes()? {
+            if v.session.is_none() {
+                continue;
+            }
+            match self.recover_one(&v.name) {
+                Ok(Some(what)) => match what {
+                    Recovered::Kept(users) => {
+                        tracing::info!(volume = %v.name, users = %users, "session from an earlier run is still used: kept");
+                        report.kept.push(v.name.clone());
+                    }
+                    Recovered::Ended => report.ended.push(v.name.clone()),
+                    Recovered::Finished => report.finished.push(v.name.clone()),
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(volume = %v.name, error = %e, "could not recover session; the sweep retries");
+                    report.failed.push((v.name.clone(), e.to_string()));
+                }
+            }
+        }
+        for cache in self.store().list_caches()? {
+            if let Err(e) = self.clean_cache(&cache, &mut report) {
+                tracing::error!(cache, error = %e, "could not clean up cache");
+            }
+        }
+        tracing::info!(
+            kept = report.kept.len(),
+            ended = report.ended.len(),
+            finished = report.finished.len(),
+            failed = report.failed.len(),
+            cleaned = report.cleaned.len(),
+            "startup recovery done"
+        );
+        Ok(report)
+    }
+
+    fn recover_one(&self, name: &str) -> Result<Option<Recovered>> {
+        let (_lock, mut rec) = self.lock_volume(name)?;
+        let Some(s) = rec.session.clone() else {
+            return Ok(None);
+        };
+        if s.committing.is_some() {
+            self.settle(&mut rec)?;
+            if rec.session.is_none() {
+                return Ok(Some(Recovered::Finished));
+            }
+        }
+        let users = self.users_of(&rec);
+        if users.in_use() {
+            return Ok(Some(Recovered::Kept(users.describe())));
+        }
+        crate::failpoint!("recovery::before_end");
+        let why = if users.mounted {
+            "recovery: view mounted but nobody uses it"
+        } else {
+            "recovery: view gone (host or plugin namespace restart)"
+        };
+        self.end_session(&mut rec, why)?;
+        Ok(Some(Recovered::Ended))
+    }
+
+    fn users_of(&self, rec: &VolumeRecord) -> Users {
+        sessions::users(
+            &self.store().merged_dir(&rec.cache, &rec.id),
+            &self.store().upper_dir(&rec.cache, &rec.id),
+        )
+    }
+
+    /// Temp files of the cache's state and orphan uppers (module doc).
+    fn clean_cache(&self, cache: &str, report: &mut RecoveryReport) -> Result<()> {
+        let _lock = self.store().lock_cache(cache)?;
+        remove_stale_temps(&self.store().cache_dir(cache), report)?;
+        let dir = self.store().root().join("upper").join(cache);
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in rd.flatten() {
+            let Some(n) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !n.starts_with(".orphan-") || !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let path = e.path();
+            if crate::fsutil::dir_is_empty(&path)? {
+                crate::failpoint!("recovery::remove_orphan");
+                remove_tree(&path)?;
+                tracing::info!(dir = %path.display(), "removed an empty orphaned upper dir");
+                report.cleaned.push(path.display().to_string());
+                continue;
+            }
+            let Some(mut state) = self.store().load_state(cache)? else {
+                continue;
+            };
+            let parent = state.state.latest.clone();
+            let layer =
+                state.unique_layer_name("orphan", |l| self.store().layer_dir(cache, l).exists());
+            let dest = self.store().layer_dir(cache, &layer);
+            let top = self.store().layer_dir(cache, &parent);
+            // The orphan's root attributes are whatever its dead session gave it; the cache root's
+            // owner/mode should not change because of it.
+            if let Ok(m) = fs::symlink_metadata(&top) {
+                let _ = std::os::unix::fs::lchown(&path, Some(m.uid()), Some(m.gid()));
+                let _ = fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777),
+                );
+            }
+            crate::fsutil::syncfs(&path)?;
+            crate::failpoint!("recovery::orphan_before_rename");
+            fs::rename(&path, &dest).ctx("promoting orphaned upper dir to layer", &dest)?;
+            fsync_dir(&self.store().cache_dir(cache))?;
+            fsync_dir(&dir)?;
+            crate::failpoint!("recovery::orphan_before_state");
+            state.push_layer(&layer, &parent, &n);
+            self.store().save_state(cache, &state)?;
+            tracing::warn!(dir = %path.display(), layer, parent, "committed an orphaned upper dir as a merge layer");
+            report.cleaned.push(path.display().to_string());
+        }
+        Ok(())
+    }
+
+    /// Ends every session nobody uses (the periodic sweep). Skips caches that are busy and
+    /// sessions with counted mounts whose volume was mounted within the orphan grace; returns how many sessions it ended, or `None`
+    /// when another sweep is still running.
+    pub fn sweep(&self) -> Option<usize> {
+        if self.sweeping.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let mut ended = 0;
+        let vols = self.store().list_volumes().unwrap_or_default();
+        for v in vols.iter().filter(|v| v.session.is_some()) {
+            let Ok(Some(_lock)) = self.store().try_lock_cache(&v.cache) else {
+                continue;
+            };
+            let r: Result<bool> = (|| {
+                let Some(mut rec) = self.store().load_volume(&v.name)? else {
+                    return Ok(false);
+                };
+                self.settle(&mut rec)?;
+                let Some(s) = &rec.session else {
+                    return Ok(true);
+                };
+                // A fresh Mount's container may not have the view yet; a session with no
+                // counts left has no Mount in flight.
+                if !s.mounts.is_empty() && self.recently_mounted(&v.name) {
+                    return Ok(false);
+                }
+                if self.users_of(&rec).in_use() {
+                    return Ok(false);
+                }
+                crate::failpoint!("driver::sweep_before_end");
+                self.end_session(&mut rec, "sweep: nobody uses its view")?;
+                Ok(true)
+            })();
+            match r {
+                Ok(true) => ended += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %v.name, error = %e, "sweep could not end session")
+                }
+            }
+        }
+        self.sweeping.store(false, Ordering::SeqCst);
+        Some(ended)
+    }
+
+    /// Every session with its users (for `cachedriver sessions`).
+    pub fn sessions(&self) -> Result<Vec<SessionInfo>> {
+        let scan = sessions::Scan::take();
+        Ok(self
+            .store()
+            .list_volumes()?
+            .into_iter()
+            .filter_map(|v| {
+                let s = v.session.clone()?;
+                Some(SessionInfo {
+                    users: scan.users(
+                        &self.store().merged_dir(&v.cache, &v.id),
+                        &self.store().upper_dir(&v.cache, &v.id),
+                    ),
+                    volume: v.name,
+                    cache: v.cache,
+                    backend: s.backend.as_str().into(),
+                    mounts: s.mounts,
+                    started_at: s.started_at,
+                    committing: s.committing,
+                })
+            })
+            .collect())
+    }
+
+    /// Ends a volume's session for an operator (`cachedriver end`): committed per its mode, or
+    /// discarded with `discard`. Refused while a container or process uses the view: ending it
+    /// would take the files from under a running container (stop the container first).
+    pub fn end(&self, name: &str, discard: bool) -> Result<Option<Outcome>> {
+        let (_lock, mut rec) = self.lock_volume(name)?;
+        self.settle(&mut rec)?;
+        if rec.session.is_none() {
+            return Ok(None);
+        }
+        let users = self.users_of(&rec);
+        if users.in_use() {
+            return Err(Error::Conflict(format!(
+                "volume {name:?} is still used by {}; stop the container(s) using it first",
+                users.describe()
+            )));
+        }
+        let mode = if discard {
+            CommitMode::Discard
+        } else {
+            rec.commit.unwrap_or(self.config().commit)
+        };
+        self.end_session_as(&mut rec, mode, "ended by the operator")
+            .map(Some)
+    }
+}
+
+enum Recovered {
+    Kept(String),
+    Ended,
+    Finished,
+}
