@@ -626,6 +626,7 @@ enum Workload {
     WalkCold,
     WalkWarm,
     SmallRead,
+    SmallReadWarm,
     LargeRead,
     LargeWrite,
     SmallCreate,
@@ -634,10 +635,11 @@ enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 8] = [
+    const ALL: [Workload; 9] = [
         Workload::WalkCold,
         Workload::WalkWarm,
         Workload::SmallRead,
+        Workload::SmallReadWarm,
         Workload::LargeRead,
         Workload::LargeWrite,
         Workload::SmallCreate,
@@ -650,6 +652,7 @@ impl Workload {
             Workload::WalkCold => "walk_cold",
             Workload::WalkWarm => "walk_warm",
             Workload::SmallRead => "small_read",
+            Workload::SmallReadWarm => "small_read_warm",
             Workload::LargeRead => "large_read",
             Workload::LargeWrite => "large_write",
             Workload::SmallCreate => "small_create",
@@ -666,6 +669,10 @@ impl Workload {
             ),
             Workload::WalkWarm => format!("metadata walk, warm ({} files)", cfg.small_files),
             Workload::SmallRead => format!("small-file read ({} files)", cfg.small_files),
+            Workload::SmallReadWarm => format!(
+                "small-file read, warm ({} files read before)",
+                cfg.small_files
+            ),
             Workload::LargeRead => format!(
                 "large sequential read ({} x {} MiB)",
                 cfg.large_files,
@@ -725,7 +732,7 @@ fn run_once(
     // the disk (and not which backend happened to run first).
     let warm: &[String] = match w {
         Workload::LargeRead => &tree.large,
-        Workload::SmallRead => &tree.small,
+        Workload::SmallRead | Workload::SmallReadWarm => &tree.small,
         _ => &[],
     };
     let mut buf = vec![0u8; MIB as usize];
@@ -735,6 +742,11 @@ fn run_once(
     let inst = Instance::new(b, &tree.lower, scratch, seq, cfg)?;
     if w == Workload::WalkWarm {
         walk(&inst.p("tree"))?;
+    }
+    if w == Workload::SmallReadWarm {
+        for rel in &tree.small {
+            read_all(&inst.p(rel), &mut buf)?;
+        }
     }
     // Start quiescent: no writeback left over from the previous measurement (or the removal of its
     // instance) may land in this one.
@@ -750,7 +762,7 @@ fn run_once(
             })?;
             n as f64
         }
-        Workload::SmallRead => {
+        Workload::SmallRead | Workload::SmallReadWarm => {
             let mut total = 0u64;
             for rel in &tree.small {
                 total += read_all(&inst.p(rel), &mut buf)?;

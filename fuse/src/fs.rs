@@ -19,13 +19,17 @@ use fuser::{
 };
 
 use crate::handle::{kill_suidgid, Handle, OpenMode, PT_MIN_LOWER, READ_BUF};
-use crate::inode::{lock, rlock, wlock, Backing, Inode};
+use crate::inode::{lock, rlock, wlock, Backing, DirFdCache, Inode};
 use crate::layers::{self, Layers};
 use crate::options::Passthrough;
 use crate::prefetch::Prefetch;
 use crate::sys::{self, errno};
 use crate::union::{Target, Union};
 use crate::whiteout;
+
+/// How many fds no-open mode keeps for I/O (a few per worker: each is one file being read or
+/// written right now; the next request for an evicted one re-opens it).
+const FILE_FDS: usize = 64;
 
 /// Largest file whose content `prefill` pushes at open.
 const PREFILL_MAX: usize = 64 * 1024;
@@ -119,6 +123,12 @@ pub struct UnionFs {
     no_opendir: AtomicBool,
     /// Directory read-ahead for cold walks.
     prefetch: Prefetch,
+    /// No-open mode: OPEN is answered ENOSYS, so the kernel opens files without asking us
+    /// (no OPEN, RELEASE or FLUSH round trips, page cache kept across opens) and sends I/O with
+    /// file handle 0, served from `files`.
+    no_open: bool,
+    /// Fds for I/O on files opened without us, by (node id, layer << 1 | writable); bounded.
+    files: DirFdCache,
 }
 
 impl UnionFs {
@@ -154,7 +164,20 @@ impl UnionFs {
             next_fh: AtomicU64::new(1),
             no_opendir: AtomicBool::new(false),
             prefetch: Prefetch::default(),
+            no_open: false,
+            files: DirFdCache::new(FILE_FDS),
         }
+    }
+
+    /// Chooses no-open mode (`None`: on unless passthrough was asked for with `passthrough=on`,
+    /// since passthrough needs an OPEN reply to attach the backing file to).
+    pub fn with_no_open(mut self, no_open: Option<bool>) -> UnionFs {
+        self.no_open = no_open.unwrap_or(self.passthrough_mode != Passthrough::On);
+        if self.no_open {
+            self.passthrough.store(false, Ordering::Relaxed);
+            self.u.orphan_always.store(true, Ordering::Relaxed);
+        }
+        self
     }
 
     /// The slot the session's notifier goes into (see `lib.rs`).
@@ -462,6 +485,35 @@ impl UnionFs {
         self.handle(fh)?.fd(&self.u)
     }
 
+    /// The fd for I/O on `ino`: the open handle's, or for file handle 0 (the kernel opened the
+    /// file without asking us) one by node, copying the file up first when `write`.
+    fn io_fd(&self, ino: INodeNo, fh: FileHandle, write: bool) -> io::Result<Arc<OwnedFd>> {
+        if fh.0 != 0 {
+            return self.handle_fd(fh);
+        }
+        let inode = self.u.inode(ino.0)?;
+        if inode.kind != libc::S_IFREG {
+            return Err(errno(libc::EBADF));
+        }
+        if write {
+            if !self.u.layers.has_upper {
+                return Err(errno(libc::EROFS));
+            }
+            self.u.copy_up(&inode, true)?;
+        }
+        let layer = lock(&inode.state).layer;
+        let key = layer << 1 | write as usize;
+        if let Some(fd) = self.files.get(ino.0, key) {
+            return Ok(fd);
+        }
+        let (t, layer) = self.u.target(&inode)?;
+        let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        let fd = Arc::new(t.open_file(flags | libc::O_CLOEXEC)?.0);
+        self.files
+            .insert(ino.0, layer << 1 | write as usize, fd.clone());
+        Ok(fd)
+    }
+
     /// Open flags for a page-cache open. FOPEN_NOFLUSH everywhere: we have nothing to do at
     /// close(2), so the kernel need not send FLUSH.
     fn cached_flags(&self, inode: &Inode) -> FopenFlags {
@@ -593,15 +645,19 @@ impl Filesystem for UnionFs {
         let caps = config.capabilities();
         // Always readdirplus (no READDIRPLUS_AUTO): every entry then carries its node id, so
         // d_ino equals st_ino in every chunk of a large directory, not only the first.
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+        let mut wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_ASYNC_DIO
             // Without this the kernel asks for security.capability before EVERY write, even a
             // passthrough one. We kill suid/sgid ourselves when a write asks for it (and our
             // mount is nosuid).
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        if !self.no_open {
+            // An O_TRUNC open then truncates in OPEN. Without OPEN (no-open mode) the kernel
+            // would skip the truncate entirely: it must come as SETATTR size=0 instead.
+            wanted |= InitFlags::FUSE_ATOMIC_O_TRUNC;
+        }
         let _ = config.add_capabilities(wanted & caps);
         if caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT) {
             self.no_opendir.store(true, Ordering::Relaxed);
@@ -638,6 +694,7 @@ impl Filesystem for UnionFs {
         self.u.forget(ino.0, nlookup);
         if self.u.inode(ino.0).is_err() {
             lock(&self.dirs).remove(&dir_key(ino.0));
+            self.files.remove_all(ino.0);
         }
     }
 
@@ -791,6 +848,10 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // The kernel then opens every file itself from now on (see `no_open`).
+            return reply.error(Errno::ENOSYS);
+        }
         let inode = match self.u.inode(ino.0) {
             Ok(i) => i,
             Err(e) => return reply.error(to_errno(e)),
@@ -822,7 +883,7 @@ impl Filesystem for UnionFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -830,7 +891,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let fd = match self.handle_fd(fh) {
+        let fd = match self.io_fd(ino, fh, false) {
             Ok(fd) => fd,
             Err(e) => return reply.error(to_errno(e)),
         };
@@ -860,7 +921,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let res = self.handle_fd(fh).and_then(|fd| {
+        let res = self.io_fd(ino, fh, true).and_then(|fd| {
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
                 && kill_suidgid(fd.as_raw_fd())?
             {
@@ -885,7 +946,9 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close(2): ENOSYS makes the kernel stop sending FLUSH for the mount
+        // (files opened without us have no FOPEN_NOFLUSH to say so).
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -910,13 +973,13 @@ impl Filesystem for UnionFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
         match self
-            .handle_fd(fh)
+            .io_fd(ino, fh, false)
             .and_then(|fd| sys::fsync(fd.as_raw_fd(), datasync))
         {
             Ok(()) => reply.ok(),
@@ -1227,7 +1290,7 @@ impl Filesystem for UnionFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -1235,7 +1298,7 @@ impl Filesystem for UnionFs {
         reply: ReplyEmpty,
     ) {
         match self
-            .handle_fd(fh)
+            .io_fd(ino, fh, true)
             .and_then(|fd| sys::fallocate(fd.as_raw_fd(), mode, offset, length))
         {
             Ok(()) => reply.ok(),
@@ -1246,14 +1309,14 @@ impl Filesystem for UnionFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
         match self
-            .handle_fd(fh)
+            .io_fd(ino, fh, false)
             .and_then(|fd| sys::lseek(fd.as_raw_fd(), offset, whence))
         {
             Ok(o) => reply.offset(o),
@@ -1264,10 +1327,10 @@ impl Filesystem for UnionFs {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -1275,7 +1338,10 @@ impl Filesystem for UnionFs {
         reply: ReplyWrite,
     ) {
         let res = (|| {
-            let (fin, fout) = (self.handle_fd(fh_in)?, self.handle_fd(fh_out)?);
+            let (fin, fout) = (
+                self.io_fd(ino_in, fh_in, false)?,
+                self.io_fd(ino_out, fh_out, true)?,
+            );
             let (mut oi, mut oo) = (offset_in as i64, offset_out as i64);
             sys::copy_file_range(
                 fin.as_raw_fd(),

@@ -240,6 +240,11 @@ impl DirFdCache {
         m.insert((ino, layer), (fd, t));
     }
 
+    /// Forgets every fd of a node (linear: for small caches).
+    pub fn remove_all(&self, ino: u64) {
+        lock(&self.map).retain(|k, _| k.0 != ino);
+    }
+
     /// Forgets the fds of a node in the given layers.
     pub fn remove(&self, ino: u64, layers: &[usize]) {
         let mut m = lock(&self.map);

@@ -101,6 +101,16 @@ pub fn reopen_dir(fd: RawFd) -> io::Result<OwnedFd> {
     openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
 
+/// Re-opens the file an O_PATH fd refers to, through its /proc magic link (which `openat`,
+/// always O_NOFOLLOW, refuses). Safe from symlink games: the link names the file the fd holds.
+pub fn reopen(fd: RawFd, flags: i32) -> io::Result<OwnedFd> {
+    let p = proc_path(fd, None);
+    // SAFETY: valid C string.
+    let fd = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, 0) })?;
+    // SAFETY: fd was just returned by open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `mkdirat`.
 pub fn mkdirat(dirfd: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid C string.

@@ -5,7 +5,7 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::copyup;
@@ -105,13 +105,9 @@ impl Target {
             Target::At(d, n) => sys::openat(d.as_raw_fd(), n, fl, 0).map_err(gone)?,
             Target::Dir(_) => return Err(errno(libc::EISDIR)),
             // Re-opening through /proc is the one way to open an O_PATH fd's file.
-            Target::Orphan(fd) => sys::openat(
-                libc::AT_FDCWD,
-                &sys::proc_path(fd.as_raw_fd(), None),
-                fl & !libc::O_NOFOLLOW,
-                0,
-            )
-            .map_err(gone)?,
+            Target::Orphan(fd) => {
+                sys::reopen(fd.as_raw_fd(), fl & !libc::O_NOFOLLOW).map_err(gone)?
+            }
         };
         let st = sys::fstat(fd.as_raw_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -153,6 +149,9 @@ pub struct Union {
     /// The inode table.
     pub table: RwLock<Table>,
     fds: DirFdCache,
+    /// No-open mode (see `UnionFs::with_no_open`): the kernel does not tell us which files are
+    /// open, so every unlinked or replaced file the kernel still knows keeps an orphan fd.
+    pub orphan_always: AtomicBool,
     tmp_seq: AtomicU64,
     wh_lock: Mutex<()>,
     /// Reverse channel to the kernel, set once the session exists.
@@ -185,6 +184,7 @@ impl Union {
             layers,
             table: RwLock::new(Table::new(root)),
             fds: DirFdCache::new(cap),
+            orphan_always: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
             wh_lock: Mutex::new(()),
             notifier: Arc::new(std::sync::OnceLock::new()),
@@ -756,6 +756,28 @@ impl Union {
         res
     }
 
+    /// Before the name (parent, name) of a non-directory in `layer` goes away: if its inode may
+    /// still be open, keep an O_PATH fd of the file so that I/O, fstat(2) and friends keep working.
+    fn keep_orphan(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        cname: &CStr,
+        layer: usize,
+    ) -> io::Result<()> {
+        if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
+            let open =
+                i.opens.load(Ordering::SeqCst) > 0 || self.orphan_always.load(Ordering::Relaxed);
+            if open && !i.is_dir() && lock(&i.state).names.len() == 1 {
+                let pfd = self.dir_fd(parent, layer)?;
+                if let Ok(fd) = sys::openat(pfd.as_raw_fd(), cname, libc::O_PATH, 0) {
+                    lock(&i.state).orphan = Some(Arc::new(fd));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// unlink(2) in the merged view.
     pub fn unlink(&self, parent: &Arc<Inode>, name: &OsStr) -> io::Result<()> {
         let r = self
@@ -768,15 +790,7 @@ impl Union {
         let up = self.dir_fd(parent, 0)?;
         let cname = sys::cstr(name)?;
         let need_wh = self.lower_has(parent, &cname)?;
-        if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
-            if i.opens.load(Ordering::SeqCst) > 0 && lock(&i.state).names.len() == 1 {
-                // Still open: keep a handle on the file so fstat(2) and friends keep working.
-                let pfd = self.dir_fd(parent, r.layer)?;
-                if let Ok(fd) = sys::openat(pfd.as_raw_fd(), &cname, libc::O_PATH, 0) {
-                    lock(&i.state).orphan = Some(Arc::new(fd));
-                }
-            }
-        }
+        self.keep_orphan(parent, name, &cname, r.layer)?;
         if self.layers.is_upper(r.layer) {
             if need_wh {
                 self.replace_with_whiteout(up.as_raw_fd(), &cname)?;
@@ -961,6 +975,10 @@ impl Union {
                     return Ok(());
                 }
             }
+        }
+        if let Some(d) = dst.filter(|d| !is_dir_mode(d.st.st_mode)) {
+            // The file replaced may still be open.
+            self.keep_orphan(newparent, newname, &cnew, d.layer)?;
         }
         self.copy_up(src_inode, true)?;
         self.copy_up(parent, true)?;
