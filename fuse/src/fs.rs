@@ -186,7 +186,7 @@ impl UnionFs {
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
-        if let Some(st) = lock(&inode.state).dead_attr {
+        if let Some(st) = lock(&inode.state).dead_attr.as_deref().copied() {
             return Ok(make_attr(inode.ino, &st, false));
         }
         let st = match fh.and_then(|fh| self.handle(fh).ok()) {

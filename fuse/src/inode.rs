@@ -47,8 +47,9 @@ pub struct InodeState {
     pub path: OsString,
     /// Removed directory (rmdir): nothing may be resolved below it.
     pub dead: bool,
-    /// A removed directory's last attributes (it may still be someone's cwd).
-    pub dead_attr: Option<libc::stat>,
+    /// A removed directory's last attributes (it may still be someone's cwd). Boxed: a stat is
+    /// 144 bytes, and the table holds one state per object the kernel knows (200k on big trees).
+    pub dead_attr: Option<Box<libc::stat>>,
     /// Upper (dev, ino) this inode is registered under in `Table::upper_ids`.
     pub upper_id: Option<(u64, u64)>,
     /// A passthrough open with write access happened: the page cache may be stale.

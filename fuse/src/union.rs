@@ -847,7 +847,7 @@ impl Union {
                 s.dead = true;
                 let mut st = r.st;
                 st.st_nlink = 0;
-                s.dead_attr = Some(st);
+                s.dead_attr = Some(Box::new(st));
                 s.stack.clone()
             };
             layers.push(0);
