@@ -10,7 +10,8 @@
 //! across backends; medians are printed as markdown tables (throughput, and speed as a fraction of the
 //! kernel's: kernel time / backend time) and written as JSON to `<target>/bench/backends.json`.
 //!
-//! Run as root: `cargo bench --bench backends`. Knobs (environment):
+//! Run as root: `cargo bench --bench backends` (`-- --quick`: 300 small files, small large files,
+//! one repetition, no fuse-overlayfs 2.0.0 install: a smoke run for CI). Knobs (environment):
 //! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_REPS` (3), `BENCH_BACKENDS`
 //! (comma list of `native,kernel,fuse,fuse-overlayfs,fuse-overlayfs-2`), `BENCH_DIR` (scratch parent,
 //! default `<target>/bench`), `BENCH_JSON` (output path), `BENCH_NO_INSTALL=1` (do not `cargo install`
@@ -20,6 +21,10 @@
 
 #[path = "support/chart.rs"]
 mod chart;
+#[path = "support/stats.rs"]
+mod stats;
+
+use stats::median;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -72,7 +77,8 @@ fn target_dir() -> PathBuf {
 
 impl Config {
     fn from_env() -> Config {
-        let scale = env_f64("BENCH_SCALE", 1.0).max(0.001);
+        let quick = std::env::args().any(|a| a == "--quick");
+        let scale = env_f64("BENCH_SCALE", if quick { 0.01 } else { 1.0 }).max(0.001);
         let n = |base: f64| ((base * scale).round() as usize).max(10);
         let target = target_dir();
         let backends = match std::env::var("BENCH_BACKENDS") {
@@ -88,7 +94,7 @@ impl Config {
         };
         let bench = target.join("bench");
         Config {
-            reps: env_f64("BENCH_REPS", 3.0).max(1.0) as usize,
+            reps: env_f64("BENCH_REPS", if quick { 1.0 } else { 3.0 }).max(1.0) as usize,
             small_files: n(30_000.0),
             large_files: 4,
             large_size: ((256.0 * scale * MIB as f64) as u64).max(MIB),
@@ -101,9 +107,10 @@ impl Config {
             json: std::env::var_os("BENCH_JSON")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| bench.join("backends.json")),
-            install_fo2: std::env::var("BENCH_NO_INSTALL")
-                .map(|v| v != "1")
-                .unwrap_or(true),
+            install_fo2: !quick
+                && std::env::var("BENCH_NO_INSTALL")
+                    .map(|v| v != "1")
+                    .unwrap_or(true),
             target,
         }
     }
@@ -470,6 +477,31 @@ impl Instance {
     fn p(&self, rel: &str) -> PathBuf {
         self.view.join(rel)
     }
+
+    /// The FUSE daemon's pid.
+    fn daemon_pid(&self) -> Option<u32> {
+        match &self.pidfile {
+            Some(p) => fs::read_to_string(p).ok()?.trim().parse().ok(),
+            None => self.child.as_ref().map(Child::id),
+        }
+    }
+}
+
+/// (idle or current VmRSS, VmHWM) of a FUSE daemon, in KiB.
+type MemKib = (u64, u64);
+
+/// (VmRSS, VmHWM) of a process in KiB, from /proc/PID/status.
+fn proc_mem(pid: u32) -> Option<(u64, u64)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 impl Drop for Instance {
@@ -716,7 +748,8 @@ fn drop_caches() -> io::Result<()> {
     fs::write("/proc/sys/vm/drop_caches", "3")
 }
 
-/// Runs one workload on a fresh instance; returns (seconds, amount in the workload's unit numerator).
+/// Runs one workload on a fresh instance; returns (seconds, amount in the workload's unit numerator,
+/// the FUSE daemon's (idle VmRSS, VmHWM) in KiB).
 fn run_once(
     w: Workload,
     b: &Backend,
@@ -724,7 +757,7 @@ fn run_once(
     cfg: &Config,
     scratch: &Path,
     seq: usize,
-) -> io::Result<(f64, f64)> {
+) -> io::Result<(f64, f64, Option<MemKib>)> {
     if w == Workload::WalkCold {
         drop_caches()?;
     }
@@ -740,6 +773,8 @@ fn run_once(
         read_all(&tree.lower.join(rel), &mut buf)?;
     }
     let inst = Instance::new(b, &tree.lower, scratch, seq, cfg)?;
+    // The daemon's memory when idle (mounted, nothing asked yet).
+    let idle_kib = inst.daemon_pid().and_then(proc_mem).map(|m| m.0);
     if w == Workload::WalkWarm {
         walk(&inst.p("tree"))?;
     }
@@ -826,6 +861,11 @@ fn run_once(
         }
     };
     let secs = t0.elapsed().as_secs_f64();
+    // Peak memory over the workload (a fresh daemon each time, so the high-water mark is this one's).
+    let mem = match (idle_kib, inst.daemon_pid().and_then(proc_mem)) {
+        (Some(idle), Some((_, hwm))) => Some((idle, hwm)),
+        _ => None,
+    };
     // Verify outside the timing.
     match w {
         Workload::CopyUp => {
@@ -839,7 +879,7 @@ fn run_once(
         _ => {}
     }
     drop(inst);
-    Ok((secs, amount))
+    Ok((secs, amount, mem))
 }
 
 fn check(ok: bool, msg: impl FnOnce() -> String) -> io::Result<()> {
@@ -865,21 +905,12 @@ fn read_all(p: &Path, buf: &mut [u8]) -> io::Result<u64> {
 // ---------------------------------------------------------------------------------------------------------
 // Reporting.
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 struct Results {
     /// (workload, backend) -> seconds per repetition
     secs: BTreeMap<(&'static str, &'static str), Vec<f64>>,
     amount: BTreeMap<&'static str, f64>,
+    /// (workload, backend) -> (idle VmRSS, VmHWM after the workload) in KiB per repetition
+    mem: BTreeMap<(&'static str, &'static str), Vec<(u64, u64)>>,
 }
 
 fn fmt_rate(x: f64) -> String {
@@ -910,7 +941,13 @@ fn report(
         }
         md.push('\n');
     };
-    md.push_str("\n### Throughput (median)\n\n");
+    md.push_str(&format!(
+        "\nKernel {}, {} CPUs, {} repetition(s) interleaved across backends.\n",
+        stats::kernel_release(),
+        stats::cpus(),
+        cfg.reps
+    ));
+    md.push_str("\n### Throughput (median, and (slowest–fastest) repetition)\n\n");
     header(&mut md, "workload");
     let mut json_work = serde_json::Map::new();
     for w in Workload::ALL {
@@ -930,7 +967,19 @@ fn report(
                 Some(v) => {
                     let m = median(v);
                     let rate = res.amount[w.name()] / m;
-                    md.push_str(&format!(" {} |", fmt_rate(rate)));
+                    let (lo, hi) = stats::spread(v);
+                    if v.len() > 1 {
+                        // Spread: the slowest and fastest repetition's throughput.
+                        let amount = res.amount[w.name()];
+                        md.push_str(&format!(
+                            " {} ({}–{}) |",
+                            fmt_rate(rate),
+                            fmt_rate(amount / hi),
+                            fmt_rate(amount / lo)
+                        ));
+                    } else {
+                        md.push_str(&format!(" {} |", fmt_rate(rate)));
+                    }
                     jw.insert(
                         b.kind.name().into(),
                         serde_json::json!({
@@ -970,6 +1019,35 @@ fn report(
         }
         md.push('\n');
     }
+    md.push_str(
+        "\n### FUSE daemon memory (MiB, median: idle VmRSS / peak VmHWM during the workload)\n\n",
+    );
+    header(&mut md, "workload");
+    let mut json_mem = serde_json::Map::new();
+    for w in Workload::ALL {
+        if !cols
+            .iter()
+            .any(|b| res.mem.contains_key(&(w.name(), b.kind.name())))
+        {
+            continue;
+        }
+        md.push_str(&format!("| {} |", w.name()));
+        for b in &cols {
+            match res.mem.get(&(w.name(), b.kind.name())) {
+                Some(v) if !v.is_empty() => {
+                    let idle = median(&v.iter().map(|m| m.0 as f64).collect::<Vec<_>>()) / 1024.0;
+                    let hwm = median(&v.iter().map(|m| m.1 as f64).collect::<Vec<_>>()) / 1024.0;
+                    md.push_str(&format!(" {idle:.1} / {hwm:.1} |"));
+                    json_mem.insert(
+                        format!("{}/{}", w.name(), b.kind.name()),
+                        serde_json::json!({"idle_rss_mib": idle, "peak_hwm_mib": hwm}),
+                    );
+                }
+                _ => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+    }
     let missing: Vec<String> = backends
         .iter()
         .filter_map(|b| {
@@ -990,12 +1068,10 @@ fn report(
         }
     }
     println!("{md}");
-    let uname = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let uname = stats::kernel_release();
     serde_json::json!({
         "kernel": uname,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": stats::cpus(),
         "config": {
             "reps": cfg.reps,
             "small_files": cfg.small_files,
@@ -1010,6 +1086,7 @@ fn report(
             "missing": b.missing,
         })).collect::<Vec<_>>(),
         "workloads": json_work,
+        "memory": json_mem,
         "skipped_workloads": skipped.iter().map(|(w, why)| serde_json::json!({"workload": w, "why": why})).collect::<Vec<_>>(),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "markdown": md,
@@ -1101,6 +1178,7 @@ fn main() {
     let mut res = Results {
         secs: BTreeMap::new(),
         amount: BTreeMap::new(),
+        mem: BTreeMap::new(),
     };
     let mut seq = 0;
     let mut skipped: Vec<(&'static str, String)> = Vec::new();
@@ -1133,7 +1211,13 @@ fn main() {
                 }
                 seq += 1;
                 match run_once(w, b, &tree, &cfg, &scratch, seq) {
-                    Ok((secs, amount)) => {
+                    Ok((secs, amount, mem)) => {
+                        if let Some(m) = mem {
+                            res.mem
+                                .entry((w.name(), b.kind.name()))
+                                .or_default()
+                                .push(m);
+                        }
                         res.secs
                             .entry((w.name(), b.kind.name()))
                             .or_default()
