@@ -197,7 +197,7 @@ impl UnionFs {
             // The name was replaced under us (e.g. by a whiteout mid-unlink): stale.
             return Err(errno(libc::ENOENT));
         }
-        let merged = inode.is_dir() && lock(&inode.state).stack.len() > 1;
+        let merged = inode.is_dir() && lock(&inode.state).stack().len() > 1;
         Ok(make_attr(inode.ino, &st, merged))
     }
 
@@ -1033,7 +1033,7 @@ impl Filesystem for UnionFs {
                 ino.0
             } else {
                 t.names
-                    .get(&(ino.0, name.clone()))
+                    .get(&(ino.0, crate::inode::Name::from(name.as_os_str())))
                     .copied()
                     .unwrap_or((1 << 62) + i as u64)
             };

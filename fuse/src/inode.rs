@@ -25,6 +25,10 @@ pub fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A name in a directory, shared by the table's name index and the inode's own list (one
+/// allocation per name, not two).
+pub type Name = Arc<OsStr>;
+
 /// A passthrough backing file registered with the kernel, shared by all opens of one inode.
 #[derive(Debug)]
 pub struct Backing {
@@ -38,24 +42,50 @@ pub struct Backing {
 #[derive(Debug, Default)]
 pub struct InodeState {
     /// Names (parent node id, name) this object is known under; several for hard links.
-    pub names: Vec<(u64, OsString)>,
+    pub names: Vec<(u64, Name)>,
     /// Layer holding the topmost real object.
     pub layer: usize,
-    /// Directories: contributing layers, topmost first.
-    pub stack: Vec<usize>,
-    /// Directories: path relative to every layer root ("" for the root).
-    pub path: OsString,
+    /// Directories only (boxed: the table holds one state per object the kernel knows, and
+    /// most are files).
+    pub dir: Option<Box<DirPart>>,
     /// Removed directory (rmdir): nothing may be resolved below it.
     pub dead: bool,
     /// A removed directory's last attributes (it may still be someone's cwd). Boxed: a stat is
     /// 144 bytes, and the table holds one state per object the kernel knows (200k on big trees).
     pub dead_attr: Option<Box<libc::stat>>,
-    /// Upper (dev, ino) this inode is registered under in `Table::upper_ids`.
-    pub upper_id: Option<(u64, u64)>,
+    /// Upper (dev, ino) this inode is registered under in `Table::upper_ids` (boxed: only
+    /// upper files with several links have one).
+    pub upper_id: Option<Box<(u64, u64)>>,
     /// A passthrough open with write access happened: the page cache may be stale.
     pub pt_written: bool,
     /// An O_PATH fd kept when the object was unlinked while open (fstat must still work).
     pub orphan: Option<Arc<OwnedFd>>,
+}
+
+/// What only a directory inode has.
+#[derive(Debug, Default, Clone)]
+pub struct DirPart {
+    /// Contributing layers, topmost first.
+    pub stack: Vec<usize>,
+    /// Path relative to every layer root ("" for the root).
+    pub path: OsString,
+}
+
+impl InodeState {
+    /// A directory's contributing layers, topmost first (empty for other objects).
+    pub fn stack(&self) -> &[usize] {
+        self.dir.as_ref().map_or(&[], |d| &d.stack)
+    }
+
+    /// A directory's path relative to every layer root (empty for the root and non-directories).
+    pub fn path(&self) -> &OsStr {
+        self.dir.as_ref().map_or(OsStr::new(""), |d| &d.path)
+    }
+
+    /// The directory part, created empty if missing.
+    pub fn dir_mut(&mut self) -> &mut DirPart {
+        self.dir.get_or_insert_with(Box::default)
+    }
 }
 
 /// One merged object known to the kernel.
@@ -111,7 +141,7 @@ pub struct Table {
     /// All live inodes.
     pub map: HashMap<u64, Arc<Inode>>,
     /// (parent, name) → node id.
-    pub names: HashMap<(u64, OsString), u64>,
+    pub names: HashMap<(u64, Name), u64>,
     /// Upper (dev, ino) → node id, so hard links in the upper share one inode.
     pub upper_ids: HashMap<(u64, u64), u64>,
     /// Real (dev, ino) → node id, kept after forget so that st_ino stays stable for the life of
@@ -143,24 +173,24 @@ impl Table {
     /// The inode currently known under (parent, name).
     pub fn by_name(&self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
         self.names
-            .get(&(parent, name.to_os_string()))
+            .get(&(parent, Name::from(name)))
             .and_then(|i| self.map.get(i))
             .cloned()
     }
 
     /// Removes the name (parent, name) from whatever inode holds it.
     pub fn remove_name(&mut self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
-        let ino = self.names.remove(&(parent, name.to_os_string()))?;
+        let ino = self.names.remove(&(parent, Name::from(name)))?;
         let inode = self.map.get(&ino).cloned()?;
         lock(&inode.state)
             .names
-            .retain(|(p, n)| !(*p == parent && n == name));
+            .retain(|(p, n)| !(*p == parent && **n == *name));
         Some(inode)
     }
 
     /// Adds a name to an inode.
     pub fn add_name(&mut self, inode: &Inode, parent: u64, name: &OsStr) {
-        let key = (parent, name.to_os_string());
+        let key = (parent, Name::from(name));
         if let Some(old) = self.names.insert(key.clone(), inode.ino) {
             if old != inode.ino {
                 if let Some(o) = self.map.get(&old) {
@@ -170,6 +200,9 @@ impl Table {
         }
         let mut st = lock(&inode.state);
         if !st.names.contains(&key) {
+            // Exactly one more: most objects have one name, and a pushed-to empty Vec would
+            // allocate room for four (96 bytes wasted per object on a 200k-entry tree).
+            st.names.reserve_exact(1);
             st.names.push(key);
         }
     }
@@ -189,9 +222,9 @@ impl Table {
                     self.names.remove(k);
                 }
             }
-            if let Some(k) = st.upper_id {
-                if self.upper_ids.get(&k) == Some(&ino) {
-                    self.upper_ids.remove(&k);
+            if let Some(k) = st.upper_id.as_deref() {
+                if self.upper_ids.get(k) == Some(&ino) {
+                    self.upper_ids.remove(k);
                 }
             }
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::copyup;
-use crate::inode::{lock, rlock, wlock, DirFdCache, Inode, InodeState, Table};
+use crate::inode::{lock, rlock, wlock, DirFdCache, DirPart, Inode, InodeState, Name, Table};
 use crate::layers::{self, Layers};
 use crate::sys::{self, errno};
 use crate::whiteout;
@@ -19,7 +19,11 @@ use crate::whiteout;
 fn touch_name(inode: &Inode, parent: u64, name: &OsStr) {
     let mut s = lock(&inode.state);
     if s.names.len() > 1 {
-        if let Some(i) = s.names.iter().position(|(p, n)| *p == parent && n == name) {
+        if let Some(i) = s
+            .names
+            .iter()
+            .position(|(p, n)| *p == parent && **n == *name)
+        {
             if i > 0 {
                 let e = s.names.remove(i);
                 s.names.insert(0, e);
@@ -175,7 +179,10 @@ impl Union {
             libc::S_IFDIR,
             InodeState {
                 layer: 0,
-                stack,
+                dir: Some(Box::new(DirPart {
+                    stack,
+                    path: OsString::new(),
+                })),
                 ..Default::default()
             },
         );
@@ -209,7 +216,7 @@ impl Union {
         }
         let (path, dead) = {
             let st = lock(&inode.state);
-            (st.path.clone(), st.dead)
+            (st.path().to_os_string(), st.dead)
         };
         if dead {
             return Err(errno(libc::ENOENT));
@@ -251,7 +258,7 @@ impl Union {
         if st.dead {
             return Err(errno(libc::ENOENT));
         }
-        Ok(st.stack.clone())
+        Ok(st.stack().to_vec())
     }
 
     /// Resolves `name` in directory `parent` across its layers.
@@ -408,19 +415,19 @@ impl Union {
         if let Some(k) = stable_key {
             t.ids.insert(k, ino);
         }
-        let path = if kind == libc::S_IFDIR {
-            layers::join(&lock(&parent.state).path, name)
-        } else {
-            OsString::new()
-        };
+        let dir = (kind == libc::S_IFDIR).then(|| {
+            Box::new(DirPart {
+                stack: r.stack.clone(),
+                path: layers::join(lock(&parent.state).path(), name),
+            })
+        });
         let inode = Arc::new(Inode::new(
             ino,
             kind,
             InodeState {
                 layer: r.layer,
-                stack: r.stack.clone(),
-                path,
-                upper_id: upper_key,
+                dir,
+                upper_id: upper_key.map(Box::new),
                 ..Default::default()
             },
         ));
@@ -439,7 +446,7 @@ impl Union {
         let mut t = wlock(&self.table);
         let (names, upper_id) = {
             let st = lock(&inode.state);
-            (st.names.clone(), st.upper_id)
+            (st.names.clone(), st.upper_id.as_deref().copied())
         };
         for k in names {
             if t.names.get(&k) == Some(&inode.ino) {
@@ -476,7 +483,7 @@ impl Union {
         if inode.nlookup.load(Ordering::SeqCst) == 0 {
             t.remove(ino);
             drop(t);
-            let mut layers = lock(&inode.state).stack.clone();
+            let mut layers = lock(&inode.state).stack().to_vec();
             layers.push(0);
             self.fds.remove(ino, &layers);
         }
@@ -528,7 +535,7 @@ impl Union {
             if !inode.is_dir() && st.st_nlink > 1 {
                 // Copy-up breaks a lower hard link (overlayfs index=off): the other names stay
                 // with the lower file and get their own node id at their next lookup.
-                let others: Vec<(u64, OsString)> = lock(&inode.state).names.split_off(1);
+                let others: Vec<(u64, Name)> = lock(&inode.state).names.split_off(1);
                 for (p, n) in others {
                     if t.names.get(&(p, n.clone())) == Some(&inode.ino) {
                         t.names.remove(&(p, n));
@@ -546,7 +553,7 @@ impl Union {
         let mut s = lock(&inode.state);
         s.layer = 0;
         if inode.is_dir() {
-            s.stack.insert(0, 0);
+            s.dir_mut().stack.insert(0, 0);
         }
         inode.copied_up.store(true, Ordering::SeqCst);
         tracing::debug!("copied up {:?} (ino {})", name, inode.ino);
@@ -848,7 +855,7 @@ impl Union {
                 let mut st = r.st;
                 st.st_nlink = 0;
                 s.dead_attr = Some(Box::new(st));
-                s.stack.clone()
+                s.stack().to_vec()
             };
             layers.push(0);
             self.fds.remove(d.ino, &layers);
@@ -1045,8 +1052,8 @@ impl Union {
         if !inode.is_dir() {
             return;
         }
-        let newpath = layers::join(&lock(&newparent.state).path, newname);
-        let oldpath = std::mem::replace(&mut lock(&inode.state).path, newpath.clone());
+        let newpath = layers::join(lock(&newparent.state).path(), newname);
+        let oldpath = std::mem::replace(&mut lock(&inode.state).dir_mut().path, newpath.clone());
         if oldpath == newpath {
             return;
         }
@@ -1061,12 +1068,12 @@ impl Union {
                 continue;
             }
             let mut s = lock(&other.state);
-            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path.as_os_str());
+            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path());
             if let Some(rest) = b.strip_prefix(prefix.as_slice()) {
                 let mut np = std::os::unix::ffi::OsStrExt::as_bytes(newpath.as_os_str()).to_vec();
                 np.push(b'/');
                 np.extend_from_slice(rest);
-                s.path = std::os::unix::ffi::OsStringExt::from_vec(np);
+                s.dir_mut().path = std::os::unix::ffi::OsStringExt::from_vec(np);
             }
         }
     }
@@ -1110,7 +1117,7 @@ impl Union {
         t.add_name(inode, newparent.ino, newname);
         let key = (st.st_dev, st.st_ino);
         t.upper_ids.insert(key, inode.ino);
-        lock(&inode.state).upper_id = Some(key);
+        lock(&inode.state).upper_id = Some(Box::new(key));
         inode.nlookup.fetch_add(1, Ordering::SeqCst);
         Ok(st)
     }
