@@ -13,7 +13,8 @@
 //! Run as root: `cargo bench --bench backends` (`-- --quick`: 300 small files, small large files,
 //! one repetition, no fuse-overlayfs 2.0.0 install: a smoke run for CI). Knobs (environment):
 //! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_REPS` (3), `BENCH_BACKENDS`
-//! (comma list of `native,kernel,fuse,fuse-overlayfs,fuse-overlayfs-2`), `BENCH_DIR` (scratch parent,
+//! (comma list of `native,kernel,fuse,fuse-pt,fuse-overlayfs,fuse-overlayfs-2`; `fuse-pt` is ours with
+//! `passthrough=on`), `BENCH_DIR` (scratch parent,
 //! default `<target>/bench`), `BENCH_JSON` (output path), `BENCH_NO_INSTALL=1` (do not `cargo install`
 //! fuse-overlayfs 2.0.0), `BENCH_WORKLOADS` (comma list: `walk_cold,walk_warm,small_read,large_read,
 //! large_write,small_create,copy_up,delete`; also `small_read_warm`). Every mount is unmounted and the scratch dir removed on

@@ -21,15 +21,18 @@ pub enum Kind {
     Native,
     Kernel,
     Fuse,
+    /// Our FUSE filesystem with `passthrough=on` (OPEN round trips, passthrough for large files).
+    FusePassthrough,
     FuseOverlayfs,
     FuseOverlayfs2,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Native,
         Kind::Kernel,
         Kind::Fuse,
+        Kind::FusePassthrough,
         Kind::FuseOverlayfs,
         Kind::FuseOverlayfs2,
     ];
@@ -39,6 +42,7 @@ impl Kind {
             Kind::Native => "native",
             Kind::Kernel => "kernel",
             Kind::Fuse => "fuse",
+            Kind::FusePassthrough => "fuse-pt",
             Kind::FuseOverlayfs => "fuse-overlayfs",
             Kind::FuseOverlayfs2 => "fuse-overlayfs-2",
         }
@@ -49,6 +53,7 @@ impl Kind {
             Kind::Native => "native dir",
             Kind::Kernel => "kernel overlay",
             Kind::Fuse => "cachedriver fuse",
+            Kind::FusePassthrough => "cachedriver fuse, passthrough=on",
             Kind::FuseOverlayfs => "fuse-overlayfs 1.10 (C)",
             Kind::FuseOverlayfs2 => "fuse-overlayfs 2.0.0 (Rust)",
         }
@@ -142,7 +147,7 @@ pub fn resolve(kind: Kind, cfg: &Config) -> Backend {
     let r: Result<Option<PathBuf>, String> = match kind {
         Kind::Native => Ok(None),
         Kind::Kernel => Ok(None),
-        Kind::Fuse => cachedriver_bin().map(Some),
+        Kind::Fuse | Kind::FusePassthrough => cachedriver_bin().map(Some),
         Kind::FuseOverlayfs => which("fuse-overlayfs").map(Some).ok_or_else(|| {
             "fuse-overlayfs not on PATH (apt-get install fuse-overlayfs)".to_string()
         }),
@@ -154,7 +159,7 @@ pub fn resolve(kind: Kind, cfg: &Config) -> Backend {
     }
     if matches!(
         kind,
-        Kind::Fuse | Kind::FuseOverlayfs | Kind::FuseOverlayfs2
+        Kind::Fuse | Kind::FusePassthrough | Kind::FuseOverlayfs | Kind::FuseOverlayfs2
     ) && !Path::new("/dev/fuse").exists()
     {
         b.missing = Some("/dev/fuse does not exist".into());
@@ -312,17 +317,22 @@ impl Instance {
                     return Err(io::Error::other("overlay mount did not appear"));
                 }
             }
-            Kind::Fuse | Kind::FuseOverlayfs | Kind::FuseOverlayfs2 => {
+            Kind::Fuse | Kind::FusePassthrough | Kind::FuseOverlayfs | Kind::FuseOverlayfs2 => {
                 fs::create_dir(&upper)?;
                 fs::create_dir(&work)?;
                 let bin = b.bin.as_ref().expect("resolved binary");
                 let mut cmd = Command::new(bin);
                 match b.kind {
-                    Kind::Fuse => {
+                    Kind::Fuse | Kind::FusePassthrough => {
                         let pidfile = dir.join("pid");
+                        let extra = if b.kind == Kind::FusePassthrough {
+                            ",passthrough=on"
+                        } else {
+                            ""
+                        };
                         cmd.arg("fuse")
                             .arg("-o")
-                            .arg(format!("{opts},pidfile={}", pidfile.display()));
+                            .arg(format!("{opts}{extra},pidfile={}", pidfile.display()));
                         inst.pidfile = Some(pidfile);
                     }
                     // Both fuse-overlayfs daemonize by default; `-f` keeps the daemon our child to reap.
