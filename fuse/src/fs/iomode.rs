@@ -24,7 +24,9 @@ const PREFILL_MAX: usize = 64 * 1024;
 
 impl UnionFs {
     /// Chooses no-open mode (`None`: on unless passthrough was asked for with `passthrough=on`,
-    /// since passthrough needs an OPEN reply to attach the backing file to).
+    /// since passthrough needs an OPEN reply to attach the backing file to). Not even files made
+    /// by CREATE get passthrough then: the kernel fails (EIO) every open made without us of an
+    /// inode that has a passthrough open (fs/fuse/iomode.c), measured on 6.18.
     pub fn with_no_open(mut self, no_open: Option<bool>) -> UnionFs {
         self.no_open = no_open.unwrap_or(self.passthrough_mode != Passthrough::On);
         if self.no_open {
