@@ -132,6 +132,8 @@ impl UnionFs {
     pub fn new(layers: Layers, ttl: Duration, passthrough: Passthrough, userns: bool) -> UnionFs {
         // FUSE passthrough needs CAP_SYS_ADMIN in the init namespace: inside a user namespace
         // the kernel refuses every backing file, so do not even ask.
+        // Before the session's threads exist (see there).
+        sys::limit_malloc_arenas();
         let want_pt = match passthrough {
             Passthrough::Off => false,
             Passthrough::Auto => !userns,
@@ -171,14 +173,14 @@ impl UnionFs {
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
-        if let Some(st) = lock(&inode.state).dead_attr.as_deref().copied() {
+        if let Some(st) = lock(&inode.state).dead_attr() {
             return Ok(make_attr(inode.ino, &st, false));
         }
         let st = match fh.and_then(|fh| self.handle(fh).ok()) {
             Some(h) if !inode.is_dir() => sys::fstat(h.fd(&self.u)?.as_raw_fd())?,
             _ => self.u.target(inode)?.0.stat()?,
         };
-        if st.st_mode & libc::S_IFMT != inode.kind {
+        if st.st_mode & libc::S_IFMT != inode.kind() {
             // The name was replaced under us (e.g. by a whiteout mid-unlink): stale.
             return Err(errno(libc::ENOENT));
         }
@@ -224,7 +226,7 @@ impl UnionFs {
     }
 
     fn snapshot(&self, inode: &Inode) -> io::Result<Listing> {
-        if lock(&inode.state).dead {
+        if lock(&inode.state).dead() {
             // A removed directory (someone's cwd) lists as empty, as on a local filesystem.
             let dots = vec![
                 (".".into(), FileType::Directory, 0),
@@ -318,7 +320,7 @@ impl UnionFs {
         self.u.copy_up(&inode, with_data)?;
         let (t, _) = self.u.target(&inode)?;
         if let Some(m) = mode {
-            if inode.kind == libc::S_IFLNK {
+            if inode.kind() == libc::S_IFLNK {
                 return Err(errno(libc::EOPNOTSUPP));
             }
             t.chmod(m & 0o7777)?;

@@ -48,14 +48,21 @@ pub struct InodeState {
     /// Directories only (boxed: the table holds one state per object the kernel knows, and
     /// most are files).
     pub dir: Option<Box<DirPart>>,
+    /// What few objects have (boxed: the table holds one state per object the kernel knows,
+    /// 200k on big trees, and this keeps an inode in a smaller allocation).
+    pub rare: Option<Box<Rare>>,
+}
+
+/// The rarely set part of an inode's state.
+#[derive(Debug, Default)]
+pub struct Rare {
     /// Removed directory (rmdir): nothing may be resolved below it.
     pub dead: bool,
-    /// A removed directory's last attributes (it may still be someone's cwd). Boxed: a stat is
-    /// 144 bytes, and the table holds one state per object the kernel knows (200k on big trees).
-    pub dead_attr: Option<Box<libc::stat>>,
-    /// Upper (dev, ino) this inode is registered under in `Table::upper_ids` (boxed: only
-    /// upper files with several links have one).
-    pub upper_id: Option<Box<(u64, u64)>>,
+    /// A removed directory's last attributes (it may still be someone's cwd).
+    pub dead_attr: Option<libc::stat>,
+    /// Upper (dev, ino) this inode is registered under in `Table::upper_ids` (upper files with
+    /// several links).
+    pub upper_id: Option<(u64, u64)>,
     /// A passthrough open with write access happened: the page cache may be stale.
     pub pt_written: bool,
     /// An O_PATH fd kept when the object was unlinked while open (fstat must still work).
@@ -72,6 +79,31 @@ pub struct DirPart {
 }
 
 impl InodeState {
+    /// The rare part, created empty if missing.
+    pub fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Removed directory (rmdir).
+    pub fn dead(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.dead)
+    }
+
+    /// A removed directory's last attributes.
+    pub fn dead_attr(&self) -> Option<libc::stat> {
+        self.rare.as_ref().and_then(|r| r.dead_attr)
+    }
+
+    /// Upper (dev, ino) this inode is registered under in `Table::upper_ids`.
+    pub fn upper_id(&self) -> Option<(u64, u64)> {
+        self.rare.as_ref().and_then(|r| r.upper_id)
+    }
+
+    /// The fd kept for an unlinked, still open object.
+    pub fn orphan(&self) -> Option<Arc<OwnedFd>> {
+        self.rare.as_ref().and_then(|r| r.orphan.clone())
+    }
+
     /// A directory's contributing layers, topmost first (empty for other objects).
     pub fn stack(&self) -> &[usize] {
         self.dir.as_ref().map_or(&[], |d| &d.stack)
@@ -93,15 +125,16 @@ impl InodeState {
 pub struct Inode {
     /// FUSE node id (also reported as st_ino).
     pub ino: u64,
-    /// File type bits (S_IFMT) — fixed for the life of the inode.
-    pub kind: u32,
+    /// File type bits (S_IFMT) — fixed for the life of the inode. 16 bits hold them, and with
+    /// them the inode fits a smaller allocation (see `kind()`).
+    kind_bits: u16,
     /// Kernel lookup count.
     pub nlookup: AtomicU64,
     /// Mutable state.
     pub state: Mutex<InodeState>,
-    /// Serialises copy-up of this object.
-    pub copy_lock: Mutex<()>,
-    /// Live passthrough backing, if any. Also serialises the choice of I/O mode at open.
+    /// Live passthrough backing, if any. Also serialises the choice of I/O mode at open, and
+    /// copy-up of this object (one lock for both keeps an inode in a 128-byte allocation; the
+    /// two never nest: an open copies up before choosing its mode).
     pub backing: Mutex<Weak<Backing>>,
     /// Set once the object has been copied up (open read-only handles then re-open).
     pub copied_up: AtomicBool,
@@ -116,10 +149,9 @@ impl Inode {
     pub fn new(ino: u64, kind: u32, state: InodeState) -> Inode {
         Inode {
             ino,
-            kind,
+            kind_bits: (kind & libc::S_IFMT) as u16,
             nlookup: AtomicU64::new(1),
             state: Mutex::new(state),
-            copy_lock: Mutex::new(()),
             backing: Mutex::new(Weak::new()),
             copied_up: AtomicBool::new(false),
             opens: AtomicU32::new(0),
@@ -129,9 +161,14 @@ impl Inode {
 }
 
 impl Inode {
+    /// File type bits (S_IFMT).
+    pub fn kind(&self) -> u32 {
+        u32::from(self.kind_bits)
+    }
+
     /// Whether this is a directory.
     pub fn is_dir(&self) -> bool {
-        self.kind == libc::S_IFDIR
+        self.kind() == libc::S_IFDIR
     }
 }
 
@@ -222,9 +259,9 @@ impl Table {
                     self.names.remove(k);
                 }
             }
-            if let Some(k) = st.upper_id.as_deref() {
-                if self.upper_ids.get(k) == Some(&ino) {
-                    self.upper_ids.remove(k);
+            if let Some(k) = st.upper_id() {
+                if self.upper_ids.get(&k) == Some(&ino) {
+                    self.upper_ids.remove(&k);
                 }
             }
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::copyup;
-use crate::inode::{lock, rlock, wlock, DirFdCache, DirPart, Inode, InodeState, Name, Table};
+use crate::inode::{lock, rlock, wlock, DirFdCache, DirPart, Inode, InodeState, Name, Rare, Table};
 use crate::layers::{self, Layers};
 use crate::sys::{self, errno};
 use crate::whiteout;
@@ -216,7 +216,7 @@ impl Union {
         }
         let (path, dead) = {
             let st = lock(&inode.state);
-            (st.path().to_os_string(), st.dead)
+            (st.path().to_os_string(), st.dead())
         };
         if dead {
             return Err(errno(libc::ENOENT));
@@ -236,7 +236,7 @@ impl Union {
     pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
         let (layer, name, orphan) = {
             let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned(), st.orphan.clone())
+            (st.layer, st.names.first().cloned(), st.orphan())
         };
         if inode.is_dir() {
             return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
@@ -255,7 +255,7 @@ impl Union {
     /// The layer stack of a directory inode.
     pub fn stack(&self, inode: &Inode) -> io::Result<Vec<usize>> {
         let st = lock(&inode.state);
-        if st.dead {
+        if st.dead() {
             return Err(errno(libc::ENOENT));
         }
         Ok(st.stack().to_vec())
@@ -348,7 +348,7 @@ impl Union {
         {
             let t = rlock(&self.table);
             if let Some(ex) = t.by_name(parent.ino, name) {
-                if ex.kind == kind {
+                if ex.kind() == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     touch_name(&ex, parent.ino, name);
                     return ex;
@@ -357,7 +357,7 @@ impl Union {
         }
         let mut t = wlock(&self.table);
         if let Some(ex) = t.by_name(parent.ino, name) {
-            if ex.kind == kind {
+            if ex.kind() == kind {
                 ex.nlookup.fetch_add(1, Ordering::SeqCst);
                 touch_name(&ex, parent.ino, name);
                 return ex;
@@ -383,7 +383,7 @@ impl Union {
                         st.names.len() < MAX_SHARED_NAMES,
                     )
                 };
-                if ex.kind == kind && still_lower && few {
+                if ex.kind() == kind && still_lower && few {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
                     touch_name(&ex, parent.ino, name);
@@ -396,7 +396,7 @@ impl Union {
                 .then_some((r.st.st_dev, r.st.st_ino));
         if let Some(k) = upper_key {
             if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.map.get(i)).cloned() {
-                if ex.kind == kind {
+                if ex.kind() == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
                     return ex;
@@ -427,7 +427,12 @@ impl Union {
             InodeState {
                 layer: r.layer,
                 dir,
-                upper_id: upper_key.map(Box::new),
+                rare: upper_key.map(|k| {
+                    Box::new(Rare {
+                        upper_id: Some(k),
+                        ..Default::default()
+                    })
+                }),
                 ..Default::default()
             },
         ));
@@ -446,7 +451,7 @@ impl Union {
         let mut t = wlock(&self.table);
         let (names, upper_id) = {
             let st = lock(&inode.state);
-            (st.names.clone(), st.upper_id.as_deref().copied())
+            (st.names.clone(), st.upper_id())
         };
         for k in names {
             if t.names.get(&k) == Some(&inode.ino) {
@@ -504,7 +509,7 @@ impl Union {
         if lock(&inode.state).layer == 0 {
             return Ok(());
         }
-        let _g = lock(&inode.copy_lock);
+        let _g = lock(&inode.backing);
         let (layer, name) = {
             let st = lock(&inode.state);
             (st.layer, st.names.first().cloned())
@@ -778,7 +783,7 @@ impl Union {
             if open && !i.is_dir() && lock(&i.state).names.len() == 1 {
                 let pfd = self.dir_fd(parent, layer)?;
                 if let Ok(fd) = sys::openat(pfd.as_raw_fd(), cname, libc::O_PATH, 0) {
-                    lock(&i.state).orphan = Some(Arc::new(fd));
+                    lock(&i.state).rare_mut().orphan = Some(Arc::new(fd));
                 }
             }
         }
@@ -851,10 +856,10 @@ impl Union {
         if let Some(d) = removed {
             let mut layers = {
                 let mut s = lock(&d.state);
-                s.dead = true;
+                s.rare_mut().dead = true;
                 let mut st = r.st;
                 st.st_nlink = 0;
-                s.dead_attr = Some(Box::new(st));
+                s.rare_mut().dead_attr = Some(st);
                 s.stack().to_vec()
             };
             layers.push(0);
@@ -1037,7 +1042,7 @@ impl Union {
         }
         if let Some(old) = t.remove_name(newparent.ino, newname) {
             if old.is_dir() {
-                lock(&old.state).dead = true;
+                lock(&old.state).rare_mut().dead = true;
             }
         }
         t.remove_name(parent.ino, name);
@@ -1117,7 +1122,7 @@ impl Union {
         t.add_name(inode, newparent.ino, newname);
         let key = (st.st_dev, st.st_ino);
         t.upper_ids.insert(key, inode.ino);
-        lock(&inode.state).upper_id = Some(Box::new(key));
+        lock(&inode.state).rare_mut().upper_id = Some(key);
         inode.nlookup.fetch_add(1, Ordering::SeqCst);
         Ok(st)
     }

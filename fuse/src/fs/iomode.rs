@@ -71,7 +71,7 @@ impl UnionFs {
             Ok(OpenMode::Cached)
         };
         let live = slot.upgrade();
-        if inode.kind != libc::S_IFREG
+        if inode.kind() != libc::S_IFREG
             || (live.is_none() && !self.passthrough.load(Ordering::Relaxed))
         {
             return cached(inode);
@@ -90,7 +90,7 @@ impl UnionFs {
                 return Err(errno(libc::ESTALE));
             }
             if writable {
-                lock(&inode.state).pt_written = true;
+                lock(&inode.state).rare_mut().pt_written = true;
             }
             return Ok(OpenMode::Passthrough(b));
         }
@@ -110,7 +110,7 @@ impl UnionFs {
                 let b = Arc::new(Backing { id, real });
                 *slot = Arc::downgrade(&b);
                 if writable {
-                    lock(&inode.state).pt_written = true;
+                    lock(&inode.state).rare_mut().pt_written = true;
                 }
                 Ok(OpenMode::Passthrough(b))
             }
@@ -226,7 +226,7 @@ impl UnionFs {
             return self.handle_fd(fh);
         }
         let inode = self.u.inode(ino.0)?;
-        if inode.kind != libc::S_IFREG {
+        if inode.kind() != libc::S_IFREG {
             return Err(errno(libc::EBADF));
         }
         if write {
@@ -252,9 +252,9 @@ impl UnionFs {
     /// close(2), so the kernel need not send FLUSH.
     pub(super) fn cached_flags(&self, inode: &Inode) -> FopenFlags {
         let mut st = lock(&inode.state);
-        if st.pt_written {
+        if let Some(r) = st.rare.as_mut().filter(|r| r.pt_written) {
             // Written through passthrough: cached pages may be stale, let the kernel drop them.
-            st.pt_written = false;
+            r.pt_written = false;
             FopenFlags::FOPEN_NOFLUSH
         } else {
             FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
