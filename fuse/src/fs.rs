@@ -130,10 +130,10 @@ pub struct UnionFs {
 impl UnionFs {
     /// A filesystem over the opened layers.
     pub fn new(layers: Layers, ttl: Duration, passthrough: Passthrough, userns: bool) -> UnionFs {
+        // Before the session's threads exist (see `sys::limit_malloc_arenas`).
+        sys::limit_malloc_arenas();
         // FUSE passthrough needs CAP_SYS_ADMIN in the init namespace: inside a user namespace
         // the kernel refuses every backing file, so do not even ask.
-        // Before the session's threads exist (see there).
-        sys::limit_malloc_arenas();
         let want_pt = match passthrough {
             Passthrough::Off => false,
             Passthrough::Auto => !userns,
