@@ -729,4 +729,20 @@ fn main() {
         cfg.json.display(),
         started.elapsed().as_secs_f64()
     );
+    // A workload that failed on one of our own backends is a broken bench (or filesystem): say
+    // so in the exit status, so that CI's --quick run catches it. Peers may be missing.
+    let ours_failed: Vec<String> = backends
+        .iter()
+        .filter(|b| matches!(b.kind, Kind::Kernel | Kind::Fuse | Kind::FusePassthrough))
+        .filter_map(|b| {
+            b.missing
+                .as_ref()
+                .map(|m| format!("{}: {m}", b.kind.label()))
+        })
+        .collect();
+    if !ours_failed.is_empty() {
+        eprintln!("bench: FAILED: {}", ours_failed.join("; "));
+        drop(_cleanup);
+        std::process::exit(1);
+    }
 }
