@@ -29,10 +29,10 @@ use cachedriver::maintenance::{run_once, Settings};
 use cachedriver::names::CommitMode;
 use cachedriver::store::Store;
 
-#[path = "support/mounts.rs"]
-mod mounts;
+#[path = "support/scratch.rs"]
+mod scratch;
 
-use mounts::{walk, Unmounter};
+use scratch::{walk, Unmounter};
 
 const CACHE: &str = "age";
 

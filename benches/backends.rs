@@ -10,28 +10,39 @@
 //! across backends; medians are printed as markdown tables (throughput, and speed as a fraction of the
 //! kernel's: kernel time / backend time) and written as JSON to `<target>/bench/backends.json`.
 //!
-//! Run as root: `cargo bench --bench backends`. Knobs (environment):
+//! Run as root: `cargo bench --bench backends` (`-- --quick`: 300 small files, small large files,
+//! one repetition, no fuse-overlayfs 2.0.0 install: a smoke run for CI). Knobs (environment):
 //! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_REPS` (3), `BENCH_BACKENDS`
-//! (comma list of `native,kernel,fuse,fuse-overlayfs,fuse-overlayfs-2`), `BENCH_DIR` (scratch parent,
+//! (comma list of `native,kernel,fuse,fuse-pt,fuse-overlayfs,fuse-overlayfs-2`; `fuse-pt` is ours with
+//! `passthrough=on`), `BENCH_DIR` (scratch parent,
 //! default `<target>/bench`), `BENCH_JSON` (output path), `BENCH_NO_INSTALL=1` (do not `cargo install`
 //! fuse-overlayfs 2.0.0), `BENCH_WORKLOADS` (comma list: `walk_cold,walk_warm,small_read,large_read,
-//! large_write,small_create,copy_up,delete`). Every mount is unmounted and the scratch dir removed on
+//! large_write,small_create,copy_up,delete`; also `small_read_warm`). Every mount is unmounted and the scratch dir removed on
 //! exit, on panic and on SIGINT/SIGTERM.
 
 #[path = "support/chart.rs"]
 mod chart;
+#[path = "support/mounts.rs"]
+mod mounts;
+#[path = "support/stats.rs"]
+mod stats;
+#[path = "support/tree.rs"]
+mod tree;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
-const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+use mounts::{
+    install_signal_cleanup, proc_mem, registry, resolve, Backend, CleanupGuard, Instance, Kind,
+    MemKib,
+};
+use stats::median;
+use tree::{build_tree, Tree};
+
 const MIB: u64 = 1 << 20;
 
 // ---------------------------------------------------------------------------------------------------------
@@ -72,7 +83,8 @@ fn target_dir() -> PathBuf {
 
 impl Config {
     fn from_env() -> Config {
-        let scale = env_f64("BENCH_SCALE", 1.0).max(0.001);
+        let quick = std::env::args().any(|a| a == "--quick");
+        let scale = env_f64("BENCH_SCALE", if quick { 0.01 } else { 1.0 }).max(0.001);
         let n = |base: f64| ((base * scale).round() as usize).max(10);
         let target = target_dir();
         let backends = match std::env::var("BENCH_BACKENDS") {
@@ -88,7 +100,7 @@ impl Config {
         };
         let bench = target.join("bench");
         Config {
-            reps: env_f64("BENCH_REPS", 3.0).max(1.0) as usize,
+            reps: env_f64("BENCH_REPS", if quick { 1.0 } else { 3.0 }).max(1.0) as usize,
             small_files: n(30_000.0),
             large_files: 4,
             large_size: ((256.0 * scale * MIB as f64) as u64).max(MIB),
@@ -101,521 +113,13 @@ impl Config {
             json: std::env::var_os("BENCH_JSON")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| bench.join("backends.json")),
-            install_fo2: std::env::var("BENCH_NO_INSTALL")
-                .map(|v| v != "1")
-                .unwrap_or(true),
+            install_fo2: !quick
+                && std::env::var("BENCH_NO_INSTALL")
+                    .map(|v| v != "1")
+                    .unwrap_or(true),
             target,
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Backends.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Native,
-    Kernel,
-    Fuse,
-    FuseOverlayfs,
-    FuseOverlayfs2,
-}
-
-impl Kind {
-    const ALL: [Kind; 5] = [
-        Kind::Native,
-        Kind::Kernel,
-        Kind::Fuse,
-        Kind::FuseOverlayfs,
-        Kind::FuseOverlayfs2,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Native => "native",
-            Kind::Kernel => "kernel",
-            Kind::Fuse => "fuse",
-            Kind::FuseOverlayfs => "fuse-overlayfs",
-            Kind::FuseOverlayfs2 => "fuse-overlayfs-2",
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Kind::Native => "native dir",
-            Kind::Kernel => "kernel overlay",
-            Kind::Fuse => "cachedriver fuse",
-            Kind::FuseOverlayfs => "fuse-overlayfs 1.10 (C)",
-            Kind::FuseOverlayfs2 => "fuse-overlayfs 2.0.0 (Rust)",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == s)
-    }
-}
-
-/// A backend that can be used, or why not.
-struct Backend {
-    kind: Kind,
-    /// The FUSE daemon to run.
-    bin: Option<PathBuf>,
-    missing: Option<String>,
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
-fn cachedriver_bin() -> Result<PathBuf, String> {
-    // Cargo builds the package's binary for benches and tells us where it is.
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"));
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!("{} does not exist", p.display()))
-    }
-}
-
-fn fo2_bin(cfg: &Config) -> Result<PathBuf, String> {
-    let root = cfg.target.join("fo2");
-    let bin = root.join("bin/fuse-overlayfs");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    if !cfg.install_fo2 {
-        return Err(format!(
-            "{} not installed and BENCH_NO_INSTALL=1",
-            bin.display()
-        ));
-    }
-    eprintln!(
-        "bench: installing fuse-overlayfs 2.0.0 into {} (once) ...",
-        root.display()
-    );
-    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "install",
-            "fuse-overlayfs",
-            "--version",
-            "2.0.0",
-            "--locked",
-            "--root",
-        ])
-        .arg(&root)
-        .env("CARGO_TARGET_DIR", cfg.target.join("fo2-build"))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cargo install: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last: Vec<&str> = err.lines().rev().take(3).collect();
-        return Err(format!(
-            "cargo install fuse-overlayfs --version 2.0.0 failed: {}",
-            last.join(" / ")
-        ));
-    }
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "cargo install succeeded but {} is missing",
-            bin.display()
-        ))
-    }
-}
-
-fn resolve(kind: Kind, cfg: &Config) -> Backend {
-    let mut b = Backend {
-        kind,
-        bin: None,
-        missing: None,
-    };
-    let r: Result<Option<PathBuf>, String> = match kind {
-        Kind::Native => Ok(None),
-        Kind::Kernel => Ok(None),
-        Kind::Fuse => cachedriver_bin().map(Some),
-        Kind::FuseOverlayfs => which("fuse-overlayfs").map(Some).ok_or_else(|| {
-            "fuse-overlayfs not on PATH (apt-get install fuse-overlayfs)".to_string()
-        }),
-        Kind::FuseOverlayfs2 => fo2_bin(cfg).map(Some),
-    };
-    match r {
-        Ok(bin) => b.bin = bin,
-        Err(e) => b.missing = Some(e),
-    }
-    if matches!(
-        kind,
-        Kind::Fuse | Kind::FuseOverlayfs | Kind::FuseOverlayfs2
-    ) && !Path::new("/dev/fuse").exists()
-    {
-        b.missing = Some("/dev/fuse does not exist".into());
-    }
-    b
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Cleanup: every mount and the scratch dir are registered here and torn down on exit, panic or signal.
-
-struct Registry {
-    mounts: Vec<PathBuf>,
-    scratch: Option<PathBuf>,
-    shutting_down: bool,
-}
-
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
-    mounts: Vec::new(),
-    scratch: None,
-    shutting_down: false,
-});
-
-fn registry() -> std::sync::MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Records a mount point before mounting; the returned guard holds the registry lock until the mount
-/// exists, so [`cleanup_all`] (from the signal thread) either sees it mounted or prevents it.
-fn register_mount(p: &Path) -> io::Result<std::sync::MutexGuard<'static, Registry>> {
-    let mut r = registry();
-    if r.shutting_down {
-        return Err(io::Error::other("shutting down"));
-    }
-    r.mounts.push(p.to_path_buf());
-    Ok(r)
-}
-
-/// Unmounts everything registered and removes the scratch dir, holding the registry lock throughout.
-fn cleanup_locked(r: &mut Registry) {
-    r.shutting_down = true;
-    for m in std::mem::take(&mut r.mounts).iter().rev() {
-        if nix::mount::umount2(m, nix::mount::MntFlags::empty()).is_err() {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    if let Some(s) = r.scratch.take() {
-        let _ = fs::remove_dir_all(&s);
-    }
-}
-
-fn cleanup_all() {
-    cleanup_locked(&mut registry());
-}
-
-/// Removes everything on drop (normal exit and panics that unwind through `main`).
-struct CleanupGuard;
-
-impl Drop for CleanupGuard {
-    fn drop(&mut self) {
-        cleanup_all();
-    }
-}
-
-/// SIGINT/SIGTERM/SIGHUP are blocked in every thread and taken by one thread that cleans up and exits.
-fn install_signal_cleanup() {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().expect("block signals");
-    std::thread::spawn(move || {
-        if let Ok(sig) = set.wait() {
-            eprintln!("\nbench: {sig:?}: unmounting and removing scratch ...");
-            // Keep the lock until the process is gone: the main thread blocks at its next mount,
-            // unmount or before writing results, instead of carrying on over a torn-down scratch dir.
-            let mut r = registry();
-            cleanup_locked(&mut r);
-            eprintln!("bench: interrupted; nothing written");
-            std::process::exit(130);
-        }
-    });
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Mounting.
-
-fn fs_type(p: &Path) -> Option<i64> {
-    nix::sys::statfs::statfs(p)
-        .ok()
-        .map(|s| s.filesystem_type().0)
-}
-
-/// One fresh view of the lower tree: a mount with an empty upper, or a native directory.
-struct Instance {
-    dir: PathBuf,
-    view: PathBuf,
-    mounted: bool,
-    child: Option<Child>,
-    pidfile: Option<PathBuf>,
-}
-
-impl Instance {
-    fn new(
-        b: &Backend,
-        lower: &Path,
-        scratch: &Path,
-        seq: usize,
-        cfg: &Config,
-    ) -> io::Result<Instance> {
-        let dir = scratch.join(format!("inst-{}-{seq}", b.kind.name()));
-        fs::create_dir_all(&dir)?;
-        let mut inst = Instance {
-            view: dir.join("mnt"),
-            dir: dir.clone(),
-            mounted: false,
-            child: None,
-            pidfile: None,
-        };
-        fs::create_dir(&inst.view)?;
-        let (upper, work) = (dir.join("upper"), dir.join("work"));
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        match b.kind {
-            Kind::Native => {
-                // Read-only parts are shared; the parts a workload modifies are fresh copies.
-                std::os::unix::fs::symlink(lower.join("tree"), inst.view.join("tree"))?;
-                std::os::unix::fs::symlink(lower.join("large"), inst.view.join("large"))?;
-                for d in ["cu", "del"] {
-                    copy_dir(&lower.join(d), &inst.view.join(d))?;
-                }
-                let _ = cfg;
-                return Ok(inst);
-            }
-            Kind::Kernel => {
-                fs::create_dir(&upper)?;
-                fs::create_dir(&work)?;
-                let kopts = format!("{opts},index=off,redirect_dir=off,metacopy=off");
-                // Registered and mounted under the registry lock, so a signal's cleanup never misses it.
-                let _reg = register_mount(&inst.view)?;
-                inst.mounted = true;
-                nix::mount::mount(
-                    Some("overlay"),
-                    &inst.view,
-                    Some("overlay"),
-                    nix::mount::MsFlags::empty(),
-                    Some(kopts.as_str()),
-                )
-                .map_err(|e| io::Error::other(format!("mount -t overlay -o {kopts}: {e}")))?;
-                if fs_type(&inst.view) != Some(OVERLAYFS_SUPER_MAGIC) {
-                    return Err(io::Error::other("overlay mount did not appear"));
-                }
-            }
-            Kind::Fuse | Kind::FuseOverlayfs | Kind::FuseOverlayfs2 => {
-                fs::create_dir(&upper)?;
-                fs::create_dir(&work)?;
-                let bin = b.bin.as_ref().expect("resolved binary");
-                let mut cmd = Command::new(bin);
-                match b.kind {
-                    Kind::Fuse => {
-                        let pidfile = dir.join("pid");
-                        cmd.arg("fuse")
-                            .arg("-o")
-                            .arg(format!("{opts},pidfile={}", pidfile.display()));
-                        inst.pidfile = Some(pidfile);
-                    }
-                    // Both fuse-overlayfs daemonize by default; `-f` keeps the daemon our child to reap.
-                    _ => {
-                        cmd.arg("-f").arg("-o").arg(&opts);
-                    }
-                }
-                // stderr goes to a file: a pipe we stop reading could block or kill a foreground daemon.
-                let errlog = dir.join("stderr");
-                cmd.arg(&inst.view)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(File::create(&errlog)?);
-                let _reg = register_mount(&inst.view)?;
-                inst.mounted = true;
-                let mut child = cmd.spawn()?;
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    if fs_type(&inst.view) == Some(FUSE_SUPER_MAGIC) {
-                        break;
-                    }
-                    if let Some(status) = child.try_wait()? {
-                        if !status.success() || fs_type(&inst.view) != Some(FUSE_SUPER_MAGIC) {
-                            let err = fs::read_to_string(&errlog).unwrap_or_default();
-                            return Err(io::Error::other(format!(
-                                "{} exited with {status} without mounting: {}",
-                                bin.display(),
-                                err.trim()
-                            )));
-                        }
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(io::Error::other(format!(
-                            "{}: no mount within 30 s",
-                            bin.display()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                inst.child = Some(child);
-            }
-        }
-        Ok(inst)
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.view.join(rel)
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if self.mounted {
-            let mut ok = false;
-            for _ in 0..100 {
-                match nix::mount::umount2(&self.view, nix::mount::MntFlags::empty()) {
-                    Ok(()) | Err(nix::errno::Errno::EINVAL) => {
-                        ok = true;
-                        break;
-                    }
-                    Err(nix::errno::Errno::EBUSY) => std::thread::sleep(Duration::from_millis(20)),
-                    Err(_) => break,
-                }
-            }
-            if !ok {
-                let _ = nix::mount::umount2(&self.view, nix::mount::MntFlags::MNT_DETACH);
-            }
-            registry().mounts.retain(|m| m != &self.view);
-        }
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(pid) = self
-            .pidfile
-            .as_ref()
-            .and_then(|p| fs::read_to_string(p).ok())
-            .and_then(|s| s.trim().parse().ok())
-        {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
-    fs::create_dir(to)?;
-    for e in fs::read_dir(from)? {
-        let e = e?;
-        fs::copy(e.path(), to.join(e.file_name()))?;
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// The lower tree.
-
-struct Tree {
-    lower: PathBuf,
-    small: Vec<String>,
-    small_bytes: u64,
-    entries: usize,
-    large: Vec<String>,
-}
-
-fn small_size(i: usize) -> usize {
-    100 + (i * 7919) % 4000
-}
-
-fn build_tree(cfg: &Config, scratch: &Path) -> io::Result<Tree> {
-    let lower = scratch.join("lower");
-    let t0 = Instant::now();
-    let mut small = Vec::with_capacity(cfg.small_files);
-    let mut small_bytes = 0;
-    let mut dirs = std::collections::BTreeSet::new();
-    let buf = vec![b'x'; 4200];
-    // 10 x 10 x 10 leaf dirs, four levels deep, files spread evenly.
-    for i in 0..cfg.small_files {
-        let leaf = i % 1000;
-        let rel = format!(
-            "tree/a{}/b{}/c{}/d/f{i}",
-            leaf / 100,
-            (leaf / 10) % 10,
-            leaf % 10
-        );
-        let p = lower.join(&rel);
-        let parent = p.parent().unwrap().to_path_buf();
-        if dirs.insert(parent.clone()) {
-            fs::create_dir_all(&parent)?;
-        }
-        let n = small_size(i);
-        fs::write(&p, &buf[..n])?;
-        small_bytes += n as u64;
-        small.push(rel);
-    }
-    // Every dir on the way counts as an entry of the walk too.
-    let mut all_dirs = std::collections::BTreeSet::new();
-    for d in &dirs {
-        let mut d = d.as_path();
-        while let Ok(rel) = d.strip_prefix(lower.join("tree")) {
-            if rel.as_os_str().is_empty() {
-                break;
-            }
-            all_dirs.insert(rel.to_path_buf());
-            d = d.parent().unwrap();
-        }
-    }
-    let entries = small.len() + all_dirs.len();
-    fs::create_dir_all(lower.join("large"))?;
-    let mut large = Vec::new();
-    let chunk: Vec<u8> = (0..MIB as usize).map(|i| (i * 31 % 251) as u8).collect();
-    for i in 0..cfg.large_files {
-        let rel = format!("large/big{i}");
-        let mut f = File::create(lower.join(&rel))?;
-        let mut left = cfg.large_size;
-        while left > 0 {
-            let n = left.min(MIB) as usize;
-            f.write_all(&chunk[..n])?;
-            left -= n as u64;
-        }
-        large.push(rel);
-    }
-    for d in ["cu", "del"] {
-        fs::create_dir_all(lower.join(d))?;
-        for i in 0..cfg.n_mut {
-            fs::write(lower.join(format!("{d}/f{i}")), &buf[..1024])?;
-        }
-    }
-    nix::unistd::sync();
-    eprintln!(
-        "bench: lower tree: {} small files ({} MiB) in {} dirs, {} x {} MiB large, 2 x {} mutable; built in {:.1} s",
-        small.len(),
-        small_bytes / MIB,
-        all_dirs.len(),
-        large.len(),
-        cfg.large_size / MIB,
-        cfg.n_mut,
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(Tree {
-        lower,
-        small,
-        small_bytes,
-        entries,
-        large,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -626,6 +130,7 @@ enum Workload {
     WalkCold,
     WalkWarm,
     SmallRead,
+    SmallReadWarm,
     LargeRead,
     LargeWrite,
     SmallCreate,
@@ -634,10 +139,11 @@ enum Workload {
 }
 
 impl Workload {
-    const ALL: [Workload; 8] = [
+    const ALL: [Workload; 9] = [
         Workload::WalkCold,
         Workload::WalkWarm,
         Workload::SmallRead,
+        Workload::SmallReadWarm,
         Workload::LargeRead,
         Workload::LargeWrite,
         Workload::SmallCreate,
@@ -650,6 +156,7 @@ impl Workload {
             Workload::WalkCold => "walk_cold",
             Workload::WalkWarm => "walk_warm",
             Workload::SmallRead => "small_read",
+            Workload::SmallReadWarm => "small_read_warm",
             Workload::LargeRead => "large_read",
             Workload::LargeWrite => "large_write",
             Workload::SmallCreate => "small_create",
@@ -666,6 +173,10 @@ impl Workload {
             ),
             Workload::WalkWarm => format!("metadata walk, warm ({} files)", cfg.small_files),
             Workload::SmallRead => format!("small-file read ({} files)", cfg.small_files),
+            Workload::SmallReadWarm => format!(
+                "small-file read, warm ({} files read before)",
+                cfg.small_files
+            ),
             Workload::LargeRead => format!(
                 "large sequential read ({} x {} MiB)",
                 cfg.large_files,
@@ -709,7 +220,8 @@ fn drop_caches() -> io::Result<()> {
     fs::write("/proc/sys/vm/drop_caches", "3")
 }
 
-/// Runs one workload on a fresh instance; returns (seconds, amount in the workload's unit numerator).
+/// Runs one workload on a fresh instance; returns (seconds, amount in the workload's unit numerator,
+/// the FUSE daemon's (idle VmRSS, VmHWM) in KiB).
 fn run_once(
     w: Workload,
     b: &Backend,
@@ -717,7 +229,7 @@ fn run_once(
     cfg: &Config,
     scratch: &Path,
     seq: usize,
-) -> io::Result<(f64, f64)> {
+) -> io::Result<(f64, f64, Option<MemKib>)> {
     if w == Workload::WalkCold {
         drop_caches()?;
     }
@@ -725,7 +237,7 @@ fn run_once(
     // the disk (and not which backend happened to run first).
     let warm: &[String] = match w {
         Workload::LargeRead => &tree.large,
-        Workload::SmallRead => &tree.small,
+        Workload::SmallRead | Workload::SmallReadWarm => &tree.small,
         _ => &[],
     };
     let mut buf = vec![0u8; MIB as usize];
@@ -733,8 +245,15 @@ fn run_once(
         read_all(&tree.lower.join(rel), &mut buf)?;
     }
     let inst = Instance::new(b, &tree.lower, scratch, seq, cfg)?;
+    // The daemon's memory when idle (mounted, nothing asked yet).
+    let idle_kib = inst.daemon_pid().and_then(proc_mem).map(|m| m.0);
     if w == Workload::WalkWarm {
         walk(&inst.p("tree"))?;
+    }
+    if w == Workload::SmallReadWarm {
+        for rel in &tree.small {
+            read_all(&inst.p(rel), &mut buf)?;
+        }
     }
     // Start quiescent: no writeback left over from the previous measurement (or the removal of its
     // instance) may land in this one.
@@ -750,7 +269,7 @@ fn run_once(
             })?;
             n as f64
         }
-        Workload::SmallRead => {
+        Workload::SmallRead | Workload::SmallReadWarm => {
             let mut total = 0u64;
             for rel in &tree.small {
                 total += read_all(&inst.p(rel), &mut buf)?;
@@ -814,6 +333,11 @@ fn run_once(
         }
     };
     let secs = t0.elapsed().as_secs_f64();
+    // Peak memory over the workload (a fresh daemon each time, so the high-water mark is this one's).
+    let mem = match (idle_kib, inst.daemon_pid().and_then(proc_mem)) {
+        (Some(idle), Some((_, hwm))) => Some((idle, hwm)),
+        _ => None,
+    };
     // Verify outside the timing.
     match w {
         Workload::CopyUp => {
@@ -827,7 +351,7 @@ fn run_once(
         _ => {}
     }
     drop(inst);
-    Ok((secs, amount))
+    Ok((secs, amount, mem))
 }
 
 fn check(ok: bool, msg: impl FnOnce() -> String) -> io::Result<()> {
@@ -853,21 +377,12 @@ fn read_all(p: &Path, buf: &mut [u8]) -> io::Result<u64> {
 // ---------------------------------------------------------------------------------------------------------
 // Reporting.
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 struct Results {
     /// (workload, backend) -> seconds per repetition
     secs: BTreeMap<(&'static str, &'static str), Vec<f64>>,
     amount: BTreeMap<&'static str, f64>,
+    /// (workload, backend) -> (idle VmRSS, VmHWM after the workload) in KiB per repetition
+    mem: BTreeMap<(&'static str, &'static str), Vec<(u64, u64)>>,
 }
 
 fn fmt_rate(x: f64) -> String {
@@ -898,7 +413,13 @@ fn report(
         }
         md.push('\n');
     };
-    md.push_str("\n### Throughput (median)\n\n");
+    md.push_str(&format!(
+        "\nKernel {}, {} CPUs, {} repetition(s) interleaved across backends.\n",
+        stats::kernel_release(),
+        stats::cpus(),
+        cfg.reps
+    ));
+    md.push_str("\n### Throughput (median, and (slowest–fastest) repetition)\n\n");
     header(&mut md, "workload");
     let mut json_work = serde_json::Map::new();
     for w in Workload::ALL {
@@ -918,7 +439,19 @@ fn report(
                 Some(v) => {
                     let m = median(v);
                     let rate = res.amount[w.name()] / m;
-                    md.push_str(&format!(" {} |", fmt_rate(rate)));
+                    let (lo, hi) = stats::spread(v);
+                    if v.len() > 1 {
+                        // Spread: the slowest and fastest repetition's throughput.
+                        let amount = res.amount[w.name()];
+                        md.push_str(&format!(
+                            " {} ({}–{}) |",
+                            fmt_rate(rate),
+                            fmt_rate(amount / hi),
+                            fmt_rate(amount / lo)
+                        ));
+                    } else {
+                        md.push_str(&format!(" {} |", fmt_rate(rate)));
+                    }
                     jw.insert(
                         b.kind.name().into(),
                         serde_json::json!({
@@ -958,6 +491,35 @@ fn report(
         }
         md.push('\n');
     }
+    md.push_str(
+        "\n### FUSE daemon memory (MiB, median: idle VmRSS / peak VmHWM during the workload)\n\n",
+    );
+    header(&mut md, "workload");
+    let mut json_mem = serde_json::Map::new();
+    for w in Workload::ALL {
+        if !cols
+            .iter()
+            .any(|b| res.mem.contains_key(&(w.name(), b.kind.name())))
+        {
+            continue;
+        }
+        md.push_str(&format!("| {} |", w.name()));
+        for b in &cols {
+            match res.mem.get(&(w.name(), b.kind.name())) {
+                Some(v) if !v.is_empty() => {
+                    let idle = median(&v.iter().map(|m| m.0 as f64).collect::<Vec<_>>()) / 1024.0;
+                    let hwm = median(&v.iter().map(|m| m.1 as f64).collect::<Vec<_>>()) / 1024.0;
+                    md.push_str(&format!(" {idle:.1} / {hwm:.1} |"));
+                    json_mem.insert(
+                        format!("{}/{}", w.name(), b.kind.name()),
+                        serde_json::json!({"idle_rss_mib": idle, "peak_hwm_mib": hwm}),
+                    );
+                }
+                _ => md.push_str(" — |"),
+            }
+        }
+        md.push('\n');
+    }
     let missing: Vec<String> = backends
         .iter()
         .filter_map(|b| {
@@ -978,12 +540,10 @@ fn report(
         }
     }
     println!("{md}");
-    let uname = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let uname = stats::kernel_release();
     serde_json::json!({
         "kernel": uname,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": stats::cpus(),
         "config": {
             "reps": cfg.reps,
             "small_files": cfg.small_files,
@@ -998,6 +558,7 @@ fn report(
             "missing": b.missing,
         })).collect::<Vec<_>>(),
         "workloads": json_work,
+        "memory": json_mem,
         "skipped_workloads": skipped.iter().map(|(w, why)| serde_json::json!({"workload": w, "why": why})).collect::<Vec<_>>(),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "markdown": md,
@@ -1089,6 +650,7 @@ fn main() {
     let mut res = Results {
         secs: BTreeMap::new(),
         amount: BTreeMap::new(),
+        mem: BTreeMap::new(),
     };
     let mut seq = 0;
     let mut skipped: Vec<(&'static str, String)> = Vec::new();
@@ -1121,7 +683,13 @@ fn main() {
                 }
                 seq += 1;
                 match run_once(w, b, &tree, &cfg, &scratch, seq) {
-                    Ok((secs, amount)) => {
+                    Ok((secs, amount, mem)) => {
+                        if let Some(m) = mem {
+                            res.mem
+                                .entry((w.name(), b.kind.name()))
+                                .or_default()
+                                .push(m);
+                        }
                         res.secs
                             .entry((w.name(), b.kind.name()))
                             .or_default()
@@ -1161,4 +729,20 @@ fn main() {
         cfg.json.display(),
         started.elapsed().as_secs_f64()
     );
+    // A workload that failed on one of our own backends is a broken bench (or filesystem): say
+    // so in the exit status, so that CI's --quick run catches it. Peers may be missing.
+    let ours_failed: Vec<String> = backends
+        .iter()
+        .filter(|b| matches!(b.kind, Kind::Kernel | Kind::Fuse | Kind::FusePassthrough))
+        .filter_map(|b| {
+            b.missing
+                .as_ref()
+                .map(|m| format!("{}: {m}", b.kind.label()))
+        })
+        .collect();
+    if !ours_failed.is_empty() {
+        eprintln!("bench: FAILED: {}", ours_failed.join("; "));
+        drop(_cleanup);
+        std::process::exit(1);
+    }
 }

@@ -5,7 +5,7 @@
 //! cache takes (`cp -a`, what the original project did on every commit). Prints a table and
 //! writes `target/bench/commit.json`. Commit should be flat: largest/smallest near 1.
 //! Env: `COMMIT_BENCH_SIZES=1000,10000,100000`, `COMMIT_BENCH_ROUNDS=21`, `BENCH_DIR` (scratch
-//! parent; default under target/).
+//! parent; default under target/). `-- --quick` (CI): 100 and 1000 files, 3 rounds.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -64,15 +64,23 @@ fn main() {
         eprintln!("commit bench: needs root (it mounts kernel overlays); nothing measured");
         std::process::exit(1);
     }
+    let quick = std::env::args().any(|a| a == "--quick");
     let sizes: Vec<usize> = std::env::var("COMMIT_BENCH_SIZES")
-        .unwrap_or_else(|_| "1000,10000,100000".into())
+        .unwrap_or_else(|_| {
+            if quick {
+                "100,1000"
+            } else {
+                "1000,10000,100000"
+            }
+            .into()
+        })
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let rounds: usize = std::env::var("COMMIT_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(21);
+        .unwrap_or(if quick { 3 } else { 21 });
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     let parent = std::env::var_os("BENCH_DIR")
         .map(PathBuf::from)

@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::handle::{kill_suidgid, Handle, OpenMode, PT_MIN_LOWER, READ_BUF};
-use crate::inode::{lock, rlock, wlock, Backing, Inode};
+use crate::handle::{kill_suidgid, Handle, OpenMode, READ_BUF};
+use crate::inode::{lock, rlock, wlock, DirFdCache, Inode};
 use crate::layers::{self, Layers};
 use crate::options::Passthrough;
 use crate::prefetch::Prefetch;
@@ -27,8 +27,8 @@ use crate::sys::{self, errno};
 use crate::union::{Target, Union};
 use crate::whiteout;
 
-/// Largest file whose content `prefill` pushes at open.
-const PREFILL_MAX: usize = 64 * 1024;
+mod iomode;
+use iomode::FILE_FDS;
 
 /// Key of a directory's own listing in `UnionFs::dirs` when the kernel sends no OPENDIR
 /// (handle numbers never reach bit 63).
@@ -119,11 +119,19 @@ pub struct UnionFs {
     no_opendir: AtomicBool,
     /// Directory read-ahead for cold walks.
     prefetch: Prefetch,
+    /// No-open mode: OPEN is answered ENOSYS, so the kernel opens files without asking us
+    /// (no OPEN, RELEASE or FLUSH round trips, page cache kept across opens) and sends I/O with
+    /// file handle 0, served from `files`.
+    no_open: bool,
+    /// Fds for I/O on files opened without us, by (node id, layer << 1 | writable); bounded.
+    files: DirFdCache,
 }
 
 impl UnionFs {
     /// A filesystem over the opened layers.
     pub fn new(layers: Layers, ttl: Duration, passthrough: Passthrough, userns: bool) -> UnionFs {
+        // Before the session's threads exist (see `sys::limit_malloc_arenas`).
+        sys::limit_malloc_arenas();
         // FUSE passthrough needs CAP_SYS_ADMIN in the init namespace: inside a user namespace
         // the kernel refuses every backing file, so do not even ask.
         let want_pt = match passthrough {
@@ -154,6 +162,8 @@ impl UnionFs {
             next_fh: AtomicU64::new(1),
             no_opendir: AtomicBool::new(false),
             prefetch: Prefetch::default(),
+            no_open: false,
+            files: DirFdCache::new(FILE_FDS),
         }
     }
 
@@ -163,18 +173,18 @@ impl UnionFs {
     }
 
     fn attr_of(&self, inode: &Inode, fh: Option<FileHandle>) -> io::Result<FileAttr> {
-        if let Some(st) = lock(&inode.state).dead_attr {
+        if let Some(st) = lock(&inode.state).dead_attr() {
             return Ok(make_attr(inode.ino, &st, false));
         }
         let st = match fh.and_then(|fh| self.handle(fh).ok()) {
             Some(h) if !inode.is_dir() => sys::fstat(h.fd(&self.u)?.as_raw_fd())?,
             _ => self.u.target(inode)?.0.stat()?,
         };
-        if st.st_mode & libc::S_IFMT != inode.kind {
+        if st.st_mode & libc::S_IFMT != inode.kind() {
             // The name was replaced under us (e.g. by a whiteout mid-unlink): stale.
             return Err(errno(libc::ENOENT));
         }
-        let merged = inode.is_dir() && lock(&inode.state).stack.len() > 1;
+        let merged = inode.is_dir() && lock(&inode.state).stack().len() > 1;
         Ok(make_attr(inode.ino, &st, merged))
     }
 
@@ -216,7 +226,7 @@ impl UnionFs {
     }
 
     fn snapshot(&self, inode: &Inode) -> io::Result<Listing> {
-        if lock(&inode.state).dead {
+        if lock(&inode.state).dead() {
             // A removed directory (someone's cwd) lists as empty, as on a local filesystem.
             let dots = vec![
                 (".".into(), FileType::Directory, 0),
@@ -288,193 +298,6 @@ impl UnionFs {
         Ok(listing)
     }
 
-    /// Opens the real file for an open(2) of `inode`, copying it up first when writing.
-    fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> io::Result<(OwnedFd, libc::stat)> {
-        let acc = flags & libc::O_ACCMODE;
-        let trunc = flags & libc::O_TRUNC != 0;
-        if acc != libc::O_RDONLY || trunc {
-            if !self.u.layers.has_upper {
-                return Err(errno(libc::EROFS));
-            }
-            self.u.copy_up(inode, !trunc)?;
-        }
-        let (t, _) = self.u.target(inode)?;
-        let oflags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT);
-        t.open_file(oflags)
-    }
-
-    /// Decides passthrough or page cache for an open file, counting the open on the inode.
-    /// The kernel fails opens that mix the two modes on one inode, or two backing files.
-    fn open_mode(
-        &self,
-        inode: &Inode,
-        fd: &OwnedFd,
-        st: &libc::stat,
-        writable: bool,
-        open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
-    ) -> io::Result<OpenMode> {
-        let mut slot = lock(&inode.backing);
-        let cached = |inode: &Inode| {
-            inode.cached_opens.fetch_add(1, Ordering::SeqCst);
-            Ok(OpenMode::Cached)
-        };
-        let live = slot.upgrade();
-        if inode.kind != libc::S_IFREG
-            || (live.is_none() && !self.passthrough.load(Ordering::Relaxed))
-        {
-            return cached(inode);
-        }
-        let real = (st.st_dev, st.st_ino);
-        if let Some(b) = live {
-            if b.real != real {
-                // A passthrough open of another real file (the lower one, before a copy-up) is
-                // still live, and the kernel allows one backing file per inode and no other kind
-                // of open beside it (fs/fuse/iomode.c: even FOPEN_DIRECT_IO fails). Detach this
-                // node from its name and answer ESTALE: the VFS retries the open once with
-                // LOOKUP_REVAL, the lookup then gives a fresh node for the same name, and the
-                // open succeeds there. The old fds keep their backing file.
-                drop(slot);
-                self.u.retire(inode);
-                return Err(errno(libc::ESTALE));
-            }
-            if writable {
-                lock(&inode.state).pt_written = true;
-            }
-            return Ok(OpenMode::Passthrough(b));
-        }
-        let upper = self.u.layers.is_upper(lock(&inode.state).layer);
-        // Passthrough writes run with our (root) credentials and would keep set-ID bits; the
-        // kernel asks us to drop them only on writes it sends us.
-        let sgid_exec = libc::S_ISGID | libc::S_IXGRP;
-        let set_id = st.st_mode & libc::S_ISUID != 0 || st.st_mode & sgid_exec == sgid_exec;
-        if inode.cached_opens.load(Ordering::SeqCst) > 0
-            || (!upper && st.st_size < PT_MIN_LOWER)
-            || (writable && set_id)
-        {
-            return cached(inode);
-        }
-        match open_backing(fd) {
-            Ok(id) => {
-                let b = Arc::new(Backing { id, real });
-                *slot = Arc::downgrade(&b);
-                if writable {
-                    lock(&inode.state).pt_written = true;
-                }
-                Ok(OpenMode::Passthrough(b))
-            }
-            Err(e) => {
-                self.passthrough.store(false, Ordering::Relaxed);
-                if self.passthrough_mode == Passthrough::On {
-                    tracing::error!(
-                        "FUSE passthrough refused by the kernel ({e}); serving I/O ourselves"
-                    );
-                } else {
-                    tracing::info!("FUSE passthrough unavailable ({e}); serving I/O ourselves");
-                }
-                cached(inode)
-            }
-        }
-    }
-
-    /// Pushes a small file's content into the kernel page cache (FUSE_NOTIFY_STORE) while
-    /// opening it read-only, so the read that follows needs no READ round trip. Only when the
-    /// file has no other open handle: nobody else can then hold one of its page locks while
-    /// waiting for us, and nobody writes it; a change seen after the store drops the pages again.
-    fn prefill(&self, inode: &Inode, fd: &OwnedFd, st: &libc::stat) {
-        let size = st.st_size as usize;
-        if size == 0 || size > PREFILL_MAX || inode.opens.load(Ordering::SeqCst) != 0 {
-            return;
-        }
-        let Some(n) = self.u.notifier.get() else {
-            return;
-        };
-        let stored = READ_BUF.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            if buf.len() < size {
-                buf.resize(size, 0);
-            }
-            match sys::pread_full(fd.as_raw_fd(), &mut buf[..size], 0) {
-                Ok(got) if got == size => n.store(INodeNo(inode.ino), 0, &buf[..got]).is_ok(),
-                _ => false,
-            }
-        });
-        if !stored {
-            return;
-        }
-        let changed = match sys::fstat(fd.as_raw_fd()) {
-            Ok(now) => {
-                (
-                    now.st_size,
-                    now.st_mtime,
-                    now.st_mtime_nsec,
-                    now.st_ctime,
-                    now.st_ctime_nsec,
-                ) != (
-                    st.st_size,
-                    st.st_mtime,
-                    st.st_mtime_nsec,
-                    st.st_ctime,
-                    st.st_ctime_nsec,
-                )
-            }
-            Err(_) => true,
-        };
-        if changed {
-            // Dropping pages takes their locks: do it off this worker, which a reader holding
-            // one of them may be waiting for.
-            let (n, ino) = (n.clone(), inode.ino);
-            let _ = std::thread::Builder::new()
-                .name("inval".into())
-                .spawn(move || n.inval_inode(INodeNo(ino), 0, 0));
-        }
-    }
-
-    /// Registers an open file and returns its handle number.
-    fn add_handle(
-        &self,
-        inode: Arc<Inode>,
-        fd: OwnedFd,
-        flags: i32,
-        backing: Option<Arc<Backing>>,
-    ) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let upper = self.u.layers.is_upper(lock(&inode.state).layer);
-        inode.opens.fetch_add(1, Ordering::SeqCst);
-        let h = Handle {
-            inode,
-            fd: RwLock::new(Arc::new(fd)),
-            upper: AtomicBool::new(upper),
-            flags,
-            backing,
-        };
-        wlock(&self.handles).insert(fh, Arc::new(h));
-        fh
-    }
-
-    fn handle(&self, fh: FileHandle) -> io::Result<Arc<Handle>> {
-        rlock(&self.handles)
-            .get(&fh.0)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))
-    }
-
-    fn handle_fd(&self, fh: FileHandle) -> io::Result<Arc<OwnedFd>> {
-        self.handle(fh)?.fd(&self.u)
-    }
-
-    /// Open flags for a page-cache open. FOPEN_NOFLUSH everywhere: we have nothing to do at
-    /// close(2), so the kernel need not send FLUSH.
-    fn cached_flags(&self, inode: &Inode) -> FopenFlags {
-        let mut st = lock(&inode.state);
-        if st.pt_written {
-            // Written through passthrough: cached pages may be stale, let the kernel drop them.
-            st.pt_written = false;
-            FopenFlags::FOPEN_NOFLUSH
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn setattr_inner(
         &self,
@@ -497,7 +320,7 @@ impl UnionFs {
         self.u.copy_up(&inode, with_data)?;
         let (t, _) = self.u.target(&inode)?;
         if let Some(m) = mode {
-            if inode.kind == libc::S_IFLNK {
+            if inode.kind() == libc::S_IFLNK {
                 return Err(errno(libc::EOPNOTSUPP));
             }
             t.chmod(m & 0o7777)?;
@@ -593,15 +416,19 @@ impl Filesystem for UnionFs {
         let caps = config.capabilities();
         // Always readdirplus (no READDIRPLUS_AUTO): every entry then carries its node id, so
         // d_ino equals st_ino in every chunk of a large directory, not only the first.
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+        let mut wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_ASYNC_DIO
             // Without this the kernel asks for security.capability before EVERY write, even a
             // passthrough one. We kill suid/sgid ourselves when a write asks for it (and our
             // mount is nosuid).
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        if !self.no_open {
+            // An O_TRUNC open then truncates in OPEN. Without OPEN (no-open mode) the kernel
+            // would skip the truncate entirely: it must come as SETATTR size=0 instead.
+            wanted |= InitFlags::FUSE_ATOMIC_O_TRUNC;
+        }
         let _ = config.add_capabilities(wanted & caps);
         if caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT) {
             self.no_opendir.store(true, Ordering::Relaxed);
@@ -638,6 +465,7 @@ impl Filesystem for UnionFs {
         self.u.forget(ino.0, nlookup);
         if self.u.inode(ino.0).is_err() {
             lock(&self.dirs).remove(&dir_key(ino.0));
+            self.files.remove_all(ino.0);
         }
     }
 
@@ -791,6 +619,10 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // The kernel then opens every file itself from now on (see `no_open`).
+            return reply.error(Errno::ENOSYS);
+        }
         let inode = match self.u.inode(ino.0) {
             Ok(i) => i,
             Err(e) => return reply.error(to_errno(e)),
@@ -822,7 +654,7 @@ impl Filesystem for UnionFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -830,7 +662,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let fd = match self.handle_fd(fh) {
+        let fd = match self.io_fd(ino, fh, false) {
             Ok(fd) => fd,
             Err(e) => return reply.error(to_errno(e)),
         };
@@ -860,7 +692,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let res = self.handle_fd(fh).and_then(|fd| {
+        let res = self.io_fd(ino, fh, true).and_then(|fd| {
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
                 && kill_suidgid(fd.as_raw_fd())?
             {
@@ -885,7 +717,9 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close(2): ENOSYS makes the kernel stop sending FLUSH for the mount
+        // (files opened without us have no FOPEN_NOFLUSH to say so).
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -910,13 +744,13 @@ impl Filesystem for UnionFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
         match self
-            .handle_fd(fh)
+            .io_fd(ino, fh, false)
             .and_then(|fd| sys::fsync(fd.as_raw_fd(), datasync))
         {
             Ok(()) => reply.ok(),
@@ -970,7 +804,7 @@ impl Filesystem for UnionFs {
                 ino.0
             } else {
                 t.names
-                    .get(&(ino.0, name.clone()))
+                    .get(&(ino.0, crate::inode::Name::from(name.as_os_str())))
                     .copied()
                     .unwrap_or((1 << 62) + i as u64)
             };
@@ -1227,7 +1061,7 @@ impl Filesystem for UnionFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -1235,7 +1069,7 @@ impl Filesystem for UnionFs {
         reply: ReplyEmpty,
     ) {
         match self
-            .handle_fd(fh)
+            .io_fd(ino, fh, true)
             .and_then(|fd| sys::fallocate(fd.as_raw_fd(), mode, offset, length))
         {
             Ok(()) => reply.ok(),
@@ -1246,14 +1080,14 @@ impl Filesystem for UnionFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
         match self
-            .handle_fd(fh)
+            .io_fd(ino, fh, false)
             .and_then(|fd| sys::lseek(fd.as_raw_fd(), offset, whence))
         {
             Ok(o) => reply.offset(o),
@@ -1264,10 +1098,10 @@ impl Filesystem for UnionFs {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -1275,7 +1109,10 @@ impl Filesystem for UnionFs {
         reply: ReplyWrite,
     ) {
         let res = (|| {
-            let (fin, fout) = (self.handle_fd(fh_in)?, self.handle_fd(fh_out)?);
+            let (fin, fout) = (
+                self.io_fd(ino_in, fh_in, false)?,
+                self.io_fd(ino_out, fh_out, true)?,
+            );
             let (mut oi, mut oo) = (offset_in as i64, offset_out as i64);
             sys::copy_file_range(
                 fin.as_raw_fd(),

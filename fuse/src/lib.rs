@@ -124,7 +124,8 @@ fn serve(
     mut ready: daemon::Ready,
 ) -> i32 {
     let read_only = !layers.has_upper;
-    let fs = fs::UnionFs::new(layers, opts.timeout, opts.passthrough, userns);
+    let fs =
+        fs::UnionFs::new(layers, opts.timeout, opts.passthrough, userns).with_no_open(opts.no_open);
     let mut cfg = Config::default();
     cfg.acl = SessionACL::All;
     let ncpu = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -66,6 +66,8 @@ pub struct Options {
     pub threads: Option<usize>,
     /// Passthrough mode.
     pub passthrough: Passthrough,
+    /// No-open mode (`noopen=on|off`; None: on unless `passthrough=on`).
+    pub no_open: Option<bool>,
     /// Entry/attr cache TTL.
     pub timeout: Duration,
     /// Stay in the foreground.
@@ -236,6 +238,14 @@ fn apply_opt(o: &mut Options, opt: &[u8]) -> Result<(), OptionError> {
                 other => return Err(OptionError::BadValue("passthrough", other.into())),
             }
         }
+        ("noopen", Some(_)) => {
+            o.no_open = match sval().as_str() {
+                "auto" => None,
+                "on" | "yes" | "true" => Some(true),
+                "off" | "no" | "false" => Some(false),
+                other => return Err(OptionError::BadValue("noopen", other.into())),
+            }
+        }
         ("timeout", Some(_)) => {
             let secs: f64 = sval()
                 .parse()
@@ -272,6 +282,7 @@ pub fn parse(args: &[OsString]) -> Result<Options, OptionError> {
         pidfile: None,
         threads: None,
         passthrough: Passthrough::Auto,
+        no_open: None,
         timeout: DEFAULT_TIMEOUT,
         foreground: false,
         debug: false,

@@ -15,10 +15,24 @@ use crate::sys;
 
 /// How many directory levels below a listed directory are read ahead.
 const DEPTH: u32 = 3;
-/// Most directories waiting (each holds its parent's fd); the oldest are dropped beyond.
-const MAX_QUEUE: usize = 1024;
-/// Directories remembered as read ahead before the memory is reset.
-const MAX_SEEN: usize = 1 << 18;
+/// Memory the read-ahead may hold: the queue and the set of directories already read ahead
+/// each get half (bounded by bytes, not by a count picked for one tree shape).
+const BUDGET: usize = 4 << 20;
+/// Most directories waiting (each holds its parent's fd and its name, ~64 bytes with the
+/// allocations); the oldest are dropped beyond. At most 1024: deeper queues only read ahead
+/// what the walk reaches first anyway.
+const MAX_QUEUE: usize = if BUDGET / 2 / 64 < 1024 {
+    BUDGET / 2 / 64
+} else {
+    1024
+};
+/// Directories remembered as read ahead before the set is reset: the largest hash table (a
+/// power of two of slots, each the key, the depth and a control byte, kept an eighth free) that
+/// fits its half of the budget.
+const MAX_SEEN: usize = {
+    let slots = BUDGET / 2 / (std::mem::size_of::<((u64, u64), u32)>() + 1);
+    (slots + 1).next_power_of_two() / 2 * 7 / 8
+};
 /// Background threads.
 const THREADS: usize = 2;
 

@@ -101,6 +101,28 @@ pub fn reopen_dir(fd: RawFd) -> io::Result<OwnedFd> {
     openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
 
+/// Caps glibc's malloc arenas at two: each thread that allocates would otherwise get an arena of
+/// its own, and memory freed in one is never reused by another (worker and read-ahead threads
+/// each allocate inodes and listings). Measured: a few MiB less peak RSS on a 200k-entry walk,
+/// no slower. Call before starting threads.
+pub fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only adjusts allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Re-opens the file an O_PATH fd refers to, through its /proc magic link (which `openat`,
+/// always O_NOFOLLOW, refuses). Safe from symlink games: the link names the file the fd holds.
+pub fn reopen(fd: RawFd, flags: i32) -> io::Result<OwnedFd> {
+    let p = proc_path(fd, None);
+    // SAFETY: valid C string.
+    let fd = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, 0) })?;
+    // SAFETY: fd was just returned by open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `mkdirat`.
 pub fn mkdirat(dirfd: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid C string.

@@ -5,11 +5,11 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::copyup;
-use crate::inode::{lock, rlock, wlock, DirFdCache, Inode, InodeState, Table};
+use crate::inode::{lock, rlock, wlock, DirFdCache, DirPart, Inode, InodeState, Name, Rare, Table};
 use crate::layers::{self, Layers};
 use crate::sys::{self, errno};
 use crate::whiteout;
@@ -19,7 +19,11 @@ use crate::whiteout;
 fn touch_name(inode: &Inode, parent: u64, name: &OsStr) {
     let mut s = lock(&inode.state);
     if s.names.len() > 1 {
-        if let Some(i) = s.names.iter().position(|(p, n)| *p == parent && n == name) {
+        if let Some(i) = s
+            .names
+            .iter()
+            .position(|(p, n)| *p == parent && **n == *name)
+        {
             if i > 0 {
                 let e = s.names.remove(i);
                 s.names.insert(0, e);
@@ -105,13 +109,9 @@ impl Target {
             Target::At(d, n) => sys::openat(d.as_raw_fd(), n, fl, 0).map_err(gone)?,
             Target::Dir(_) => return Err(errno(libc::EISDIR)),
             // Re-opening through /proc is the one way to open an O_PATH fd's file.
-            Target::Orphan(fd) => sys::openat(
-                libc::AT_FDCWD,
-                &sys::proc_path(fd.as_raw_fd(), None),
-                fl & !libc::O_NOFOLLOW,
-                0,
-            )
-            .map_err(gone)?,
+            Target::Orphan(fd) => {
+                sys::reopen(fd.as_raw_fd(), fl & !libc::O_NOFOLLOW).map_err(gone)?
+            }
         };
         let st = sys::fstat(fd.as_raw_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -153,6 +153,9 @@ pub struct Union {
     /// The inode table.
     pub table: RwLock<Table>,
     fds: DirFdCache,
+    /// No-open mode (see `UnionFs::with_no_open`): the kernel does not tell us which files are
+    /// open, so every unlinked or replaced file the kernel still knows keeps an orphan fd.
+    pub orphan_always: AtomicBool,
     tmp_seq: AtomicU64,
     wh_lock: Mutex<()>,
     /// Reverse channel to the kernel, set once the session exists.
@@ -176,7 +179,10 @@ impl Union {
             libc::S_IFDIR,
             InodeState {
                 layer: 0,
-                stack,
+                dir: Some(Box::new(DirPart {
+                    stack,
+                    path: OsString::new(),
+                })),
                 ..Default::default()
             },
         );
@@ -185,6 +191,7 @@ impl Union {
             layers,
             table: RwLock::new(Table::new(root)),
             fds: DirFdCache::new(cap),
+            orphan_always: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
             wh_lock: Mutex::new(()),
             notifier: Arc::new(std::sync::OnceLock::new()),
@@ -209,7 +216,7 @@ impl Union {
         }
         let (path, dead) = {
             let st = lock(&inode.state);
-            (st.path.clone(), st.dead)
+            (st.path().to_os_string(), st.dead())
         };
         if dead {
             return Err(errno(libc::ENOENT));
@@ -229,7 +236,7 @@ impl Union {
     pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
         let (layer, name, orphan) = {
             let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned(), st.orphan.clone())
+            (st.layer, st.names.first().cloned(), st.orphan())
         };
         if inode.is_dir() {
             return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
@@ -248,10 +255,10 @@ impl Union {
     /// The layer stack of a directory inode.
     pub fn stack(&self, inode: &Inode) -> io::Result<Vec<usize>> {
         let st = lock(&inode.state);
-        if st.dead {
+        if st.dead() {
             return Err(errno(libc::ENOENT));
         }
-        Ok(st.stack.clone())
+        Ok(st.stack().to_vec())
     }
 
     /// Resolves `name` in directory `parent` across its layers.
@@ -341,7 +348,7 @@ impl Union {
         {
             let t = rlock(&self.table);
             if let Some(ex) = t.by_name(parent.ino, name) {
-                if ex.kind == kind {
+                if ex.kind() == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     touch_name(&ex, parent.ino, name);
                     return ex;
@@ -350,7 +357,7 @@ impl Union {
         }
         let mut t = wlock(&self.table);
         if let Some(ex) = t.by_name(parent.ino, name) {
-            if ex.kind == kind {
+            if ex.kind() == kind {
                 ex.nlookup.fetch_add(1, Ordering::SeqCst);
                 touch_name(&ex, parent.ino, name);
                 return ex;
@@ -376,7 +383,7 @@ impl Union {
                         st.names.len() < MAX_SHARED_NAMES,
                     )
                 };
-                if ex.kind == kind && still_lower && few {
+                if ex.kind() == kind && still_lower && few {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
                     touch_name(&ex, parent.ino, name);
@@ -389,7 +396,7 @@ impl Union {
                 .then_some((r.st.st_dev, r.st.st_ino));
         if let Some(k) = upper_key {
             if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.map.get(i)).cloned() {
-                if ex.kind == kind {
+                if ex.kind() == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
                     return ex;
@@ -408,19 +415,24 @@ impl Union {
         if let Some(k) = stable_key {
             t.ids.insert(k, ino);
         }
-        let path = if kind == libc::S_IFDIR {
-            layers::join(&lock(&parent.state).path, name)
-        } else {
-            OsString::new()
-        };
+        let dir = (kind == libc::S_IFDIR).then(|| {
+            Box::new(DirPart {
+                stack: r.stack.clone(),
+                path: layers::join(lock(&parent.state).path(), name),
+            })
+        });
         let inode = Arc::new(Inode::new(
             ino,
             kind,
             InodeState {
                 layer: r.layer,
-                stack: r.stack.clone(),
-                path,
-                upper_id: upper_key,
+                dir,
+                rare: upper_key.map(|k| {
+                    Box::new(Rare {
+                        upper_id: Some(k),
+                        ..Default::default()
+                    })
+                }),
                 ..Default::default()
             },
         ));
@@ -439,7 +451,7 @@ impl Union {
         let mut t = wlock(&self.table);
         let (names, upper_id) = {
             let st = lock(&inode.state);
-            (st.names.clone(), st.upper_id)
+            (st.names.clone(), st.upper_id())
         };
         for k in names {
             if t.names.get(&k) == Some(&inode.ino) {
@@ -476,7 +488,7 @@ impl Union {
         if inode.nlookup.load(Ordering::SeqCst) == 0 {
             t.remove(ino);
             drop(t);
-            let mut layers = lock(&inode.state).stack.clone();
+            let mut layers = lock(&inode.state).stack().to_vec();
             layers.push(0);
             self.fds.remove(ino, &layers);
         }
@@ -497,7 +509,7 @@ impl Union {
         if lock(&inode.state).layer == 0 {
             return Ok(());
         }
-        let _g = lock(&inode.copy_lock);
+        let _g = lock(&inode.backing);
         let (layer, name) = {
             let st = lock(&inode.state);
             (st.layer, st.names.first().cloned())
@@ -528,7 +540,7 @@ impl Union {
             if !inode.is_dir() && st.st_nlink > 1 {
                 // Copy-up breaks a lower hard link (overlayfs index=off): the other names stay
                 // with the lower file and get their own node id at their next lookup.
-                let others: Vec<(u64, OsString)> = lock(&inode.state).names.split_off(1);
+                let others: Vec<(u64, Name)> = lock(&inode.state).names.split_off(1);
                 for (p, n) in others {
                     if t.names.get(&(p, n.clone())) == Some(&inode.ino) {
                         t.names.remove(&(p, n));
@@ -546,7 +558,7 @@ impl Union {
         let mut s = lock(&inode.state);
         s.layer = 0;
         if inode.is_dir() {
-            s.stack.insert(0, 0);
+            s.dir_mut().stack.insert(0, 0);
         }
         inode.copied_up.store(true, Ordering::SeqCst);
         tracing::debug!("copied up {:?} (ino {})", name, inode.ino);
@@ -756,6 +768,28 @@ impl Union {
         res
     }
 
+    /// Before the name (parent, name) of a non-directory in `layer` goes away: if its inode may
+    /// still be open, keep an O_PATH fd of the file so that I/O, fstat(2) and friends keep working.
+    fn keep_orphan(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        cname: &CStr,
+        layer: usize,
+    ) -> io::Result<()> {
+        if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
+            let open =
+                i.opens.load(Ordering::SeqCst) > 0 || self.orphan_always.load(Ordering::Relaxed);
+            if open && !i.is_dir() && lock(&i.state).names.len() == 1 {
+                let pfd = self.dir_fd(parent, layer)?;
+                if let Ok(fd) = sys::openat(pfd.as_raw_fd(), cname, libc::O_PATH, 0) {
+                    lock(&i.state).rare_mut().orphan = Some(Arc::new(fd));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// unlink(2) in the merged view.
     pub fn unlink(&self, parent: &Arc<Inode>, name: &OsStr) -> io::Result<()> {
         let r = self
@@ -768,15 +802,7 @@ impl Union {
         let up = self.dir_fd(parent, 0)?;
         let cname = sys::cstr(name)?;
         let need_wh = self.lower_has(parent, &cname)?;
-        if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
-            if i.opens.load(Ordering::SeqCst) > 0 && lock(&i.state).names.len() == 1 {
-                // Still open: keep a handle on the file so fstat(2) and friends keep working.
-                let pfd = self.dir_fd(parent, r.layer)?;
-                if let Ok(fd) = sys::openat(pfd.as_raw_fd(), &cname, libc::O_PATH, 0) {
-                    lock(&i.state).orphan = Some(Arc::new(fd));
-                }
-            }
-        }
+        self.keep_orphan(parent, name, &cname, r.layer)?;
         if self.layers.is_upper(r.layer) {
             if need_wh {
                 self.replace_with_whiteout(up.as_raw_fd(), &cname)?;
@@ -830,11 +856,11 @@ impl Union {
         if let Some(d) = removed {
             let mut layers = {
                 let mut s = lock(&d.state);
-                s.dead = true;
+                s.rare_mut().dead = true;
                 let mut st = r.st;
                 st.st_nlink = 0;
-                s.dead_attr = Some(st);
-                s.stack.clone()
+                s.rare_mut().dead_attr = Some(st);
+                s.stack().to_vec()
             };
             layers.push(0);
             self.fds.remove(d.ino, &layers);
@@ -962,6 +988,10 @@ impl Union {
                 }
             }
         }
+        if let Some(d) = dst.filter(|d| !is_dir_mode(d.st.st_mode)) {
+            // The file replaced may still be open.
+            self.keep_orphan(newparent, newname, &cnew, d.layer)?;
+        }
         self.copy_up(src_inode, true)?;
         self.copy_up(parent, true)?;
         self.copy_up(newparent, true)?;
@@ -1012,7 +1042,7 @@ impl Union {
         }
         if let Some(old) = t.remove_name(newparent.ino, newname) {
             if old.is_dir() {
-                lock(&old.state).dead = true;
+                lock(&old.state).rare_mut().dead = true;
             }
         }
         t.remove_name(parent.ino, name);
@@ -1027,8 +1057,8 @@ impl Union {
         if !inode.is_dir() {
             return;
         }
-        let newpath = layers::join(&lock(&newparent.state).path, newname);
-        let oldpath = std::mem::replace(&mut lock(&inode.state).path, newpath.clone());
+        let newpath = layers::join(lock(&newparent.state).path(), newname);
+        let oldpath = std::mem::replace(&mut lock(&inode.state).dir_mut().path, newpath.clone());
         if oldpath == newpath {
             return;
         }
@@ -1043,12 +1073,12 @@ impl Union {
                 continue;
             }
             let mut s = lock(&other.state);
-            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path.as_os_str());
+            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path());
             if let Some(rest) = b.strip_prefix(prefix.as_slice()) {
                 let mut np = std::os::unix::ffi::OsStrExt::as_bytes(newpath.as_os_str()).to_vec();
                 np.push(b'/');
                 np.extend_from_slice(rest);
-                s.path = std::os::unix::ffi::OsStringExt::from_vec(np);
+                s.dir_mut().path = std::os::unix::ffi::OsStringExt::from_vec(np);
             }
         }
     }
@@ -1092,7 +1122,7 @@ impl Union {
         t.add_name(inode, newparent.ino, newname);
         let key = (st.st_dev, st.st_ino);
         t.upper_ids.insert(key, inode.ino);
-        lock(&inode.state).upper_id = Some(key);
+        lock(&inode.state).rare_mut().upper_id = Some(key);
         inode.nlookup.fetch_add(1, Ordering::SeqCst);
         Ok(st)
     }

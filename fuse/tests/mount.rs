@@ -352,6 +352,11 @@ fn open_for_write_while_big_lower_file_is_open() {
     if std::env::var_os(IN_USERNS).is_some() || !require_mount() {
         return;
     }
-    open_for_write_while_big_lower_open("", kernel_has_passthrough().then_some(true));
-    open_for_write_while_big_lower_open(",passthrough=off", Some(false));
+    // Default (no-open mode): the kernel opens files itself and every read follows the copy-up.
+    open_for_write_while_big_lower_open("", Some(false));
+    open_for_write_while_big_lower_open(
+        ",passthrough=on",
+        kernel_has_passthrough().then_some(true),
+    );
+    open_for_write_while_big_lower_open(",passthrough=off,noopen=off", Some(false));
 }
