@@ -205,11 +205,13 @@ fn case() -> impl Strategy<Value = Case> {
             bad_id()
         )
             .prop_map(move |(ep, id)| c(ep, json!({"Name": BASE, "ID": id}), true)),
-        // Any ID: the volume is not mounted, so Unmount is refused.
+        // Any ID: the volume has no session. Unmount is acknowledged and changes nothing (a
+        // late Unmount after recovery or the orphan sweep ended the session must not fail the
+        // engine's container stop); the on-disk check below still applies.
         "\\PC{0,40}".prop_map(move |id| c(
             "/VolumeDriver.Unmount",
             json!({"Name": BASE, "ID": id}),
-            true
+            false
         )),
         // Valid names that do not exist.
         (

@@ -1,9 +1,9 @@
 //! Hostile trees (issue 12 item 5) through the Driver, on both backends: a session writes a
 //! 4,000-deep chain, a 100k-entry dir, symlinks to /etc and up `..` chains, device nodes, a
 //! fifo, hard links and names with newlines and invalid UTF-8 through its merged view; then
-//! commit (replace, merge), discard with RLIMIT_NOFILE at 64, remove the volumes and remove a
-//! committed layer as GC would. Canaries outside the root stay unchanged and the cache still
-//! mounts and shows the tree.
+//! commit (replace, merge), compact the chain and collect its old layers, discard with
+//! RLIMIT_NOFILE at 64, remove the volumes and remove the compacted layer as GC would. Canaries
+//! outside the root stay unchanged and the cache still mounts and shows the tree.
 
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
@@ -115,6 +115,32 @@ fn hostile_trees_commit_discard_and_remove_safely() {
         check_hostile_tree(&b.join("again"), &small, &canaries2);
         fx.unmount("h-both", "1");
 
+        // Compaction flattens the chain below the top layer by hard links, then GC deletes the
+        // old layers (the 4,000-deep tree and the 100k-entry dir included): nothing outside the
+        // root is touched and a new view shows the same trees.
+        let store = fx.driver.store();
+        let t = Instant::now();
+        let rep = cachedriver::compact::compact_cache(store, "h", 1, true)
+            .unwrap()
+            .expect("a two-layer chain is compacted when forced");
+        eprintln!(
+            "   compacted {:?} ({} entries) in {:?}",
+            rep.flattened,
+            rep.entries,
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let g = cachedriver::gc::gc_cache(store, "h", false).unwrap();
+        eprintln!("   gc deleted {:?} in {:?}", g.deleted, t.elapsed());
+        assert!(g.deleted.iter().any(|l| l == "rep"), "{g:?}");
+        canaries.check();
+        canaries2.check();
+        fx.create("h-after", &[]);
+        let a = fx.mount("h-after", "1");
+        check_hostile_tree(&a, &full, &canaries);
+        check_hostile_tree(&a.join("again"), &small, &canaries2);
+        fx.unmount("h-after", "1");
+
         // Discard: the upper is removed, with 64 descriptors for the whole process.
         fx.create("h-dis", &[("commit", "discard")]);
         let d = fx.mount("h-dis", "1").join("discarded");
@@ -140,11 +166,11 @@ fn hostile_trees_commit_discard_and_remove_safely() {
         assert!(!root.join("work/h/dis").exists(), "the work dir is gone");
         assert_eq!(fx.latest("h"), "mrg", "discard changed nothing");
 
-        // Remove every volume; then remove a committed layer as GC would.
-        for name in ["h-rep", "h-view", "h-mrg", "h-both", "h-dis"] {
+        // Remove every volume; then remove the compacted layer as GC would.
+        for name in ["h-rep", "h-view", "h-mrg", "h-both", "h-after", "h-dis"] {
             fx.driver.remove(name).unwrap();
         }
-        let layer = root.join("lower/h/rep");
+        let layer = root.join("lower/h").join(&rep.new_layer);
         let t = Instant::now();
         {
             let _limit = NofileLimit::set(64);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cachedriver::names::CommitMode;
-use driver_fixture::{backends, skip, Fixture};
+use driver_fixture::{backends, skip, Fixture, Holder};
 
 const NOBODY: &str = "65534";
 
@@ -196,7 +196,9 @@ fn host_users_cannot_reach_what_containers_wrote() {
         eprintln!("   old layout, host user: {suid:?}");
         assert!(suid.iter().any(|g| g.starts_with("exec")), "{suid:?}");
 
-        // Opening the store again (plugin upgrade/restart) closes it.
+        // Opening the store again (plugin upgrade/restart) closes it. The session stays: a
+        // stand-in container holds its view (a restart ends sessions nobody uses).
+        let hold = Holder::new(&b);
         fx.restart();
         for p in targets(&root) {
             let got = nobody_reaches(&p);
@@ -226,6 +228,7 @@ fn host_users_cannot_reach_what_containers_wrote() {
             "a non-root user in the view: {}",
             text(&out)
         );
+        drop(hold);
         fx.unmount("sec-b", "1");
         let layer = root.join("lower/sec/b");
         let owner = fs::symlink_metadata(layer.join("dir-b/by-nobody"))

@@ -145,3 +145,28 @@ impl Drop for Fixture {
         }
     }
 }
+
+/// A stand-in for a running container: a child process whose cwd is in the view (the plugin's
+/// own process never counts as a user of a view, so without one a restart ends the session).
+/// Killed on drop.
+pub struct Holder(std::process::Child);
+
+impl Holder {
+    /// Starts a `sleep` whose cwd is `view`.
+    pub fn new(view: &Path) -> Self {
+        Holder(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .current_dir(view)
+                .spawn()
+                .expect("spawning sleep"),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
