@@ -165,7 +165,7 @@ pub fn compact_cache(
 
     // Dirs and xattrs take space: on any failure (ENOSPC included) the partial layer goes and
     // the old chain stays.
-    let stats = match build(&tmp, &layers, &range) {
+    let stats = match build(&tmp, &layers) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(cache, error = %e, "compaction failed; the chain stays as it was");
@@ -272,16 +272,12 @@ fn record(
 }
 
 /// Flattens `layers` into a fresh `tmp` and makes it durable.
-fn build(
-    tmp: &std::path::Path,
-    layers: &[(String, PathBuf)],
-    range: &[String],
-) -> Result<flatten::Stats> {
+fn build(tmp: &std::path::Path, layers: &[(String, PathBuf)]) -> Result<flatten::Stats> {
     remove_tree(tmp)?;
     fs::create_dir(tmp).ctx("creating compaction dir", tmp)?;
     // One fd per level for the new layer and one per level per contributing layer: room for
-    // deep trees (a few thousand levels) over the whole range.
-    sys::raise_nofile(((range.len() as u64) + 1) * 8192 + 1024);
+    // deep trees (a few thousand levels) over the whole range, as far as the hard limit allows.
+    let _ = cachedriver_common::rlimit::raise_nofile();
     let stats = flatten::flatten(layers, tmp)?;
     crate::failpoint!("compact::after_flatten");
     let f = fs::File::open(tmp).ctx("opening compacted layer", tmp)?;

@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -267,68 +267,7 @@ impl XattrTarget<'_> {
 /// Lists a directory's entries as (name, d_type), skipping `.` and `..`. Reads through a fresh
 /// open of the directory so `fd`'s own offset and lifetime are untouched.
 pub fn list_dir(fd: RawFd) -> io::Result<Vec<(Vec<u8>, u8)>> {
-    let own = open_dir_at(fd, c".")?;
-    let raw = own.as_raw_fd();
-    // SAFETY: fdopendir takes ownership of the fd on success.
-    let dir = unsafe { libc::fdopendir(raw) };
-    if dir.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    std::mem::forget(own);
-    let mut out = Vec::new();
-    loop {
-        // SAFETY: errno reset so end-of-stream and error can be told apart.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: dir is a valid DIR*.
-        let ent = unsafe { libc::readdir64(dir) };
-        if ent.is_null() {
-            let e = io::Error::last_os_error();
-            // SAFETY: dir is valid and closed once.
-            unsafe { libc::closedir(dir) };
-            if e.raw_os_error().unwrap_or(0) != 0 {
-                return Err(e);
-            }
-            return Ok(out);
-        }
-        // SAFETY: ent points to a valid dirent64 until the next readdir call.
-        let (name, dtype) = unsafe {
-            let e = &*ent;
-            (
-                CStr::from_ptr(e.d_name.as_ptr()).to_bytes().to_vec(),
-                e.d_type,
-            )
-        };
-        if name == b"." || name == b".." {
-            continue;
-        }
-        out.push((name, dtype));
-    }
-}
-
-/// Raises RLIMIT_NOFILE's soft limit toward `want` descriptors: to the hard limit, and the hard
-/// limit itself toward `/proc/sys/fs/nr_open` when we may (root). Best effort.
-pub fn raise_nofile(want: u64) {
-    // SAFETY: rlimit is plain old data; pointers valid.
-    unsafe {
-        let mut rl: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 || rl.rlim_cur >= want {
-            return;
-        }
-        if rl.rlim_max < want {
-            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .unwrap_or(rl.rlim_max);
-            let mut up = rl;
-            up.rlim_max = want.min(nr_open).max(rl.rlim_max);
-            up.rlim_cur = up.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
-                return;
-            }
-        }
-        rl.rlim_cur = rl.rlim_max.min(want.max(rl.rlim_cur));
-        libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-    }
+    cachedriver_common::dir::list_dir(open_dir_at(fd, c".")?)
 }
 
 /// `syncfs` on the filesystem holding `fd`.
