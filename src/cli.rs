@@ -125,6 +125,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upload a cache's latest snapshot to an OCI registry (only the layers it lacks).
+    Push {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The cache (`CACHE` or `CACHE:default`).
+        cache: String,
+        /// The repository, `HOST[:PORT]/PATH[:TAG]` (tag default: `CACHE.default`).
+        repo: String,
+    },
+    /// Download a snapshot from an OCI registry and make it the cache's latest (only the
+    /// layers this host lacks travel).
+    Pull {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The repository, `HOST[:PORT]/PATH[:TAG]` (tag default: `CACHE.default`).
+        repo: String,
+        /// The cache (`CACHE` or `CACHE:default`).
+        cache: String,
+    },
     /// List caches (latest, layer chain, sizes) and volumes with their sessions.
     Ls {
         /// Store root.
@@ -134,6 +159,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How to reach a registry (push, pull).
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// Registry credentials in Docker's config.json format (default: ~/.docker/config.json).
+    #[arg(long, env = "CACHEDRIVER_REMOTE_AUTH_FILE")]
+    remote_auth_file: Option<PathBuf>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[arg(long, env = "CACHEDRIVER_REMOTE_INSECURE")]
+    remote_insecure: bool,
+    /// Blobs moved at once.
+    #[arg(long, default_value_t = 4)]
+    remote_jobs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RemoteArgs {
+    fn access(&self) -> crate::remote::Access {
+        crate::remote::Access {
+            auth_file: self.remote_auth_file.clone(),
+            insecure: self.remote_insecure,
+            concurrency: self.remote_jobs.max(1),
+        }
+    }
 }
 
 fn init_logging() {
@@ -271,6 +323,51 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 .pick(BackendChoice::Auto)
                 .map(|_| ())
                 .map_err(|e| anyhow!(e))
+        }
+        Command::Push {
+            root,
+            remote,
+            cache,
+            repo,
+        } => {
+            let r = crate::remote::push(&open_store(&root)?, &cache, &repo, &remote.access())?;
+            if remote.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "pushed {cache} to {} ({}): {} layer(s), {} uploaded ({}), {} mounted, {} already there",
+                    r.reference,
+                    r.manifest_digest,
+                    r.layers,
+                    r.uploaded.len(),
+                    crate::ls::human(r.bytes),
+                    r.mounted.len(),
+                    r.layers - r.uploaded.len() - r.mounted.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Pull {
+            root,
+            remote,
+            repo,
+            cache,
+        } => {
+            let r = crate::remote::pull(&open_store(&root)?, &repo, &cache, &remote.access())?;
+            if remote.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "pulled {} into {cache}: {} layer(s), {} downloaded ({}), {} already here; latest {}",
+                    r.reference,
+                    r.layers,
+                    r.downloaded.len(),
+                    crate::ls::human(r.bytes),
+                    r.reused.len(),
+                    r.latest
+                );
+            }
+            Ok(())
         }
         Command::Ls { root, json } => {
             let store = open_store(&root)?;

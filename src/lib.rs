@@ -35,6 +35,7 @@ pub mod preflight;
 pub mod probe;
 pub mod progress;
 pub mod protocol;
+pub mod remote;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -1,0 +1,1 @@
+//! Unit tests of the layer format: round trip and hostile tars.
