@@ -98,7 +98,11 @@ impl Registry {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "registry did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -122,7 +126,9 @@ impl Registry {
     fn blob_puts(&self) -> usize {
         self.log()
             .lines()
-            .filter(|l| l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/") && l.contains("\" 201 "))
+            .filter(|l| {
+                l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/") && l.contains("\" 201 ")
+            })
             .count()
     }
 
@@ -130,7 +136,9 @@ impl Registry {
     fn blob_gets(&self) -> usize {
         self.log()
             .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:") && l.contains("\" 200 "))
+            .filter(|l| {
+                l.contains("\"GET /v2/") && l.contains("/blobs/sha256:") && l.contains("\" 200 ")
+            })
             .count()
     }
 
@@ -162,7 +170,8 @@ fn access() -> Access {
 
 fn no_auth() -> Access {
     // An absent explicit file is an error; tests without auth read an empty config instead.
-    let dir = std::env::temp_dir().join(format!("cachedriver-remote-noauth-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("cachedriver-remote-noauth-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let f = dir.join("config.json");
     fs::write(&f, "{}").unwrap();
@@ -281,7 +290,11 @@ fn write_first(m: &Path) {
     fs::create_dir_all(m.join("repo/org/lib")).unwrap();
     fs::write(m.join("repo/org/lib/a.jar"), vec![7u8; 100_000]).unwrap();
     fs::write(m.join("repo/org/lib/gone.jar"), b"to be deleted").unwrap();
-    fs::set_permissions(m.join("repo/org/lib/a.jar"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(
+        m.join("repo/org/lib/a.jar"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     std::os::unix::fs::chown(m.join("repo/org/lib/a.jar"), Some(1000), Some(1001)).unwrap();
     fs::write(m.join("tool.sh"), b"#!/bin/sh\necho hi\n").unwrap();
     fs::set_permissions(m.join("tool.sh"), fs::Permissions::from_mode(0o4755)).unwrap();
@@ -291,9 +304,17 @@ fn write_first(m: &Path) {
     fs::create_dir_all(m.join("opq/old/deeper")).unwrap();
     fs::write(m.join("opq/old/deeper/x"), b"old").unwrap();
     fs::write(m.join("opq/keep-not"), b"old too").unwrap();
-    set_xattr(&m.join("repo/org/lib/a.jar"), "user.origin", b"maven-central");
+    set_xattr(
+        &m.join("repo/org/lib/a.jar"),
+        "user.origin",
+        b"maven-central",
+    );
     set_xattr(&m.join("repo"), "user.dir-note", b"dir xattr");
-    nix::unistd::mkfifo(&m.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o620)).unwrap();
+    nix::unistd::mkfifo(
+        &m.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o620),
+    )
+    .unwrap();
     fs::create_dir(m.join("private")).unwrap();
     fs::set_permissions(m.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(m.join("private"), Some(33), Some(33)).unwrap();
@@ -330,8 +351,10 @@ fn view(fx: &Fixture, vol: &str) -> (BTreeMap<String, String>, Vec<Vec<String>>)
 }
 
 fn state(root: &Path, cache: &str) -> serde_json::Value {
-    serde_json::from_slice(&fs::read(root.join("lower").join(cache).join("cache-state.json")).unwrap())
-        .unwrap()
+    serde_json::from_slice(
+        &fs::read(root.join("lower").join(cache).join("cache-state.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn leftovers(root: &Path, cache: &str) -> Vec<String> {
@@ -364,11 +387,25 @@ fn two_hosts_push_pull_incremental_on_every_backend() {
         let r = remote::push(&Store::open(a_dir.path()).unwrap(), "m2", &repo, &acc).unwrap();
         assert_eq!(r.layers, 3, "{r:?}");
         assert_eq!(r.uploaded.len(), 3, "{r:?}");
-        assert_eq!(reg.blob_puts() - puts0, 4, "3 layers + config: {}", reg.log());
+        assert_eq!(
+            reg.blob_puts() - puts0,
+            4,
+            "3 layers + config: {}",
+            reg.log()
+        );
         // Digests recorded: a second push tars nothing and uploads nothing but the config.
         let st = state(a_dir.path(), "m2");
-        assert!(st["layers"]["one"]["remote"]["digest"].as_str().unwrap().starts_with("sha256:"));
-        let r2 = remote::push(&Store::open(a_dir.path()).unwrap(), "m2:default", &repo, &acc).unwrap();
+        assert!(st["layers"]["one"]["remote"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"));
+        let r2 = remote::push(
+            &Store::open(a_dir.path()).unwrap(),
+            "m2:default",
+            &repo,
+            &acc,
+        )
+        .unwrap();
         assert_eq!((r2.uploaded.len(), r2.exported), (0, 0), "{r2:?}");
 
         let rb = remote::pull(&Store::open(b_dir.path()).unwrap(), &repo, "m2", &acc).unwrap();
@@ -378,9 +415,18 @@ fn two_hosts_push_pull_incremental_on_every_backend() {
         let vb = view(&b, "m2-b1");
         assert_eq!(va, vb, "host B's view differs from host A's ({kind:?})");
         let files = &va.0;
-        assert!(!files.contains_key("repo/org/lib/gone.jar"), "whiteout lost");
-        assert!(files.contains_key("opq/new") && !files.contains_key("opq/old"), "opaque lost");
-        assert!(files["repo/org/lib/a.jar"].contains("user.origin=\"maven-central\""), "{files:?}");
+        assert!(
+            !files.contains_key("repo/org/lib/gone.jar"),
+            "whiteout lost"
+        );
+        assert!(
+            files.contains_key("opq/new") && !files.contains_key("opq/old"),
+            "opaque lost"
+        );
+        assert!(
+            files["repo/org/lib/a.jar"].contains("user.origin=\"maven-central\""),
+            "{files:?}"
+        );
         assert!(files["link-abs"].contains("-> /etc/passwd"));
         assert!(files["fifo"].starts_with("mode=10"), "{}", files["fifo"]);
         assert!(files["private"].contains("uid=33"));
@@ -395,10 +441,16 @@ fn two_hosts_push_pull_incremental_on_every_backend() {
         assert_eq!(i1, i2, "hard link split in transit");
 
         // One more commit on A: the next push uploads one layer (plus the config) only.
-        commit(&a, "m2-three", |m| fs::write(m.join("three.txt"), b"3").unwrap());
+        commit(&a, "m2-three", |m| {
+            fs::write(m.join("three.txt"), b"3").unwrap()
+        });
         let puts1 = reg.blob_puts();
         let r3 = remote::push(&Store::open(a_dir.path()).unwrap(), "m2", &repo, &acc).unwrap();
-        assert_eq!((r3.layers, r3.uploaded.len(), r3.exported), (4, 1, 1), "{r3:?}");
+        assert_eq!(
+            (r3.layers, r3.uploaded.len(), r3.exported),
+            (4, 1, 1),
+            "{r3:?}"
+        );
         assert_eq!(reg.blob_puts() - puts1, 2, "one layer + config");
         // B downloads only the new layer.
         let gets = reg.blob_gets();
@@ -439,14 +491,24 @@ fn basic_auth_and_bad_credentials() {
     let a = direct_cache(&tmp.path().join("a"), "npm", &[("x/y.txt", b"hello")]);
     let repo = reg.repo("auth/caches");
     let registry = format!("127.0.0.1:{}", reg.port);
-    let e = remote::push(&a, "npm", &repo, &no_auth()).unwrap_err().to_string();
-    assert!(e.contains("401") || e.to_lowercase().contains("unauthorized") || e.contains("credentials"), "{e}");
+    let e = remote::push(&a, "npm", &repo, &no_auth())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("401") || e.to_lowercase().contains("unauthorized") || e.contains("credentials"),
+        "{e}"
+    );
     let wrong = Access {
         auth_file: Some(auth_file(tmp.path(), &registry, "ci", "wrong")),
         ..access()
     };
-    let e = remote::push(&a, "npm", &repo, &wrong).unwrap_err().to_string();
-    assert!(e.contains("401") || e.to_lowercase().contains("unauthorized") || e.contains("credentials"), "{e}");
+    let e = remote::push(&a, "npm", &repo, &wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("401") || e.to_lowercase().contains("unauthorized") || e.contains("credentials"),
+        "{e}"
+    );
     let good = Access {
         auth_file: Some(auth_file(tmp.path(), &registry, "ci", "s3cret")),
         ..access()
@@ -454,14 +516,24 @@ fn basic_auth_and_bad_credentials() {
     let r = remote::push(&a, "npm", &repo, &good).unwrap();
     assert_eq!(r.uploaded.len(), 1);
     let b = Store::open(tmp.path().join("b")).unwrap();
-    let e = remote::pull(&b, &repo, "npm", &wrong).unwrap_err().to_string();
+    let e = remote::pull(&b, &repo, "npm", &wrong)
+        .unwrap_err()
+        .to_string();
     assert!(!e.is_empty());
-    assert!(b.load_state("npm").unwrap().is_none(), "a failed pull made a cache");
+    assert!(
+        b.load_state("npm").unwrap().is_none(),
+        "a failed pull made a cache"
+    );
     remote::pull(&b, &repo, "npm", &good).unwrap();
     let latest = b.load_state("npm").unwrap().unwrap().state.latest;
-    assert_eq!(fs::read(b.layer_dir("npm", &latest).join("x/y.txt")).unwrap(), b"hello");
+    assert_eq!(
+        fs::read(b.layer_dir("npm", &latest).join("x/y.txt")).unwrap(),
+        b"hello"
+    );
     // Scopes other than the default are refused clearly.
-    let e = remote::push(&a, "npm:pr-1", &repo, &good).unwrap_err().to_string();
+    let e = remote::push(&a, "npm:pr-1", &repo, &good)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("scopes are not supported yet"), "{e}");
 }
 
@@ -472,7 +544,11 @@ fn failures_leave_both_stores_unchanged() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let acc = no_auth();
-    let a = direct_cache(&tmp.path().join("a"), "gradle", &[("one", b"1"), ("big", &vec![3u8; 3 << 20])]);
+    let a = direct_cache(
+        &tmp.path().join("a"),
+        "gradle",
+        &[("one", b"1"), ("big", &vec![3u8; 3 << 20])],
+    );
     let repo = reg.repo("fail/caches");
     remote::push(&a, "gradle", &repo, &acc).unwrap();
     let b_root = tmp.path().join("b");
@@ -489,45 +565,76 @@ fn failures_leave_both_stores_unchanged() {
                 ..Default::default()
             });
             let r: oci_client::Reference = format!("{other}:gradle.default").parse().unwrap();
-            let layer = oci_client::client::ImageLayer::new(b"x".to_vec(), "application/vnd.oci.image.layer.v1.tar".into(), None);
-            let cfg = oci_client::client::Config::new(b"{}".to_vec(), "application/vnd.oci.image.config.v1+json".into(), None);
-            c.push(&r, &[layer], cfg, &oci_client::secrets::RegistryAuth::Anonymous, None)
-                .await
-                .unwrap();
+            let layer = oci_client::client::ImageLayer::new(
+                b"x".to_vec(),
+                "application/vnd.oci.image.layer.v1.tar".into(),
+                None,
+            );
+            let cfg = oci_client::client::Config::new(
+                b"{}".to_vec(),
+                "application/vnd.oci.image.config.v1+json".into(),
+                None,
+            );
+            c.push(
+                &r,
+                &[layer],
+                cfg,
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                None,
+            )
+            .await
+            .unwrap();
         });
     }
-    let e = remote::pull(&b, &other, "gradle", &acc).unwrap_err().to_string();
+    let e = remote::pull(&b, &other, "gradle", &acc)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a cachedriver snapshot"), "{e}");
     assert_eq!(fs::read(b.state_path("gradle")).unwrap(), before);
 
     // A blob whose stored bytes no longer match its digest.
     let st = a.load_state("gradle").unwrap().unwrap();
-    let digest = st.layers["0"].ext("remote").unwrap()["digest"].as_str().unwrap().to_string();
+    let digest = st.layers["0"].ext("remote").unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let f = reg.blob_file(&digest);
     let saved = fs::read(&f).unwrap();
     let mut bad = saved.clone();
     let n = bad.len() / 2;
     bad[n] ^= 0xff;
     fs::write(&f, &bad).unwrap();
-    let e = remote::pull(&b, &repo, "gradle", &acc).unwrap_err().to_string();
+    let e = remote::pull(&b, &repo, "gradle", &acc)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("digest"), "{e}");
     assert_eq!(fs::read(b.state_path("gradle")).unwrap(), before);
-    assert!(leftovers(&b_root, "gradle").is_empty(), "{:?}", leftovers(&b_root, "gradle"));
+    assert!(
+        leftovers(&b_root, "gradle").is_empty(),
+        "{:?}",
+        leftovers(&b_root, "gradle")
+    );
     fs::write(&f, &saved).unwrap();
 
     // The registry gone mid-transfer (its blob vanishes after the manifest was served, then
     // the whole registry stops): nothing changes on either side.
     fs::remove_file(&f).unwrap();
-    let e = remote::pull(&b, &repo, "gradle", &acc).unwrap_err().to_string();
+    let e = remote::pull(&b, &repo, "gradle", &acc)
+        .unwrap_err()
+        .to_string();
     assert!(!e.is_empty());
     assert_eq!(fs::read(b.state_path("gradle")).unwrap(), before);
     assert!(leftovers(&b_root, "gradle").is_empty());
     fs::write(&f, &saved).unwrap();
     let a_before = fs::read(a.state_path("gradle")).unwrap();
     reg.stop();
-    let e = remote::pull(&b, &repo, "gradle", &acc).unwrap_err().to_string();
+    let e = remote::pull(&b, &repo, "gradle", &acc)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unreachable") || e.contains("connect"), "{e}");
-    let e = remote::push(&a, "gradle", &repo, &acc).unwrap_err().to_string();
+    let e = remote::push(&a, "gradle", &repo, &acc)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unreachable") || e.contains("connect"), "{e}");
     assert_eq!(fs::read(b.state_path("gradle")).unwrap(), before);
     assert_eq!(fs::read(a.state_path("gradle")).unwrap(), a_before);
@@ -537,5 +644,10 @@ fn failures_leave_both_stores_unchanged() {
     let r = remote::pull(&b, &repo, "gradle", &acc).unwrap();
     assert!(r.switched);
     let latest = b.load_state("gradle").unwrap().unwrap().state.latest;
-    assert_eq!(fs::read(b.layer_dir("gradle", &latest).join("big")).unwrap().len(), 3 << 20);
+    assert_eq!(
+        fs::read(b.layer_dir("gradle", &latest).join("big"))
+            .unwrap()
+            .len(),
+        3 << 20
+    );
 }

@@ -385,7 +385,10 @@ pub fn split_path(p: &[u8]) -> Result<Vec<&[u8]>> {
         )));
     }
     if p.contains(&0) {
-        return Err(remote_err(format!("layer tar entry {:?} holds NUL", shown())));
+        return Err(remote_err(format!(
+            "layer tar entry {:?} holds NUL",
+            shown()
+        )));
     }
     let mut out = Vec::new();
     for c in p.split(|b| *b == b'/') {
@@ -655,9 +658,9 @@ impl Importer {
             }
             T::Char | T::Block => {
                 return Err(remote_err(format!(
-                    "layer tar entry {:?} is a device node; cachedriver refuses those from a registry",
-                    String::from_utf8_lossy(&path)
-                )))
+                "layer tar entry {:?} is a device node; cachedriver refuses those from a registry",
+                String::from_utf8_lossy(&path)
+            )))
             }
             T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => return Ok(false),
             other => {
@@ -671,7 +674,8 @@ impl Importer {
     }
 
     fn open_existing(&self, comps: &[&[u8]], whole: &[u8]) -> Result<OwnedFd> {
-        let mut cur = sys::open_dir_at(self.root.as_raw_fd(), c".").map_err(ioe("opening", b"."))?;
+        let mut cur =
+            sys::open_dir_at(self.root.as_raw_fd(), c".").map_err(ioe("opening", b"."))?;
         for c in comps {
             cur = sys::open_dir_at(cur.as_raw_fd(), &cstr(c)?).map_err(|_| {
                 remote_err(format!(
@@ -687,7 +691,7 @@ impl Importer {
     fn finish_dirs(&mut self) -> Result<()> {
         self.cached = None;
         let mut dirs = std::mem::take(&mut self.dirs);
-        dirs.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
         for (rel, mode, uid, gid, mtime) in dirs {
             let comps: Vec<&[u8]> = if rel.is_empty() {
                 Vec::new()
@@ -746,9 +750,19 @@ pub fn decompressor<'a, R: io::BufRead + 'a>(
 /// Unpacks the blob at `blob` (of `media_type`) into `dest`, an existing empty directory this
 /// process just made; writes nothing outside it. Returns the diffID of the tar read. `dest` is
 /// not fsynced here (the caller syncs the filesystem once).
-pub fn import_layer(blob: &Path, media_type: &str, dest: &Path, ns: XattrNs) -> Result<ImportStats> {
+pub fn import_layer(
+    blob: &Path,
+    media_type: &str,
+    dest: &Path,
+    ns: XattrNs,
+) -> Result<ImportStats> {
     let f = std::fs::File::open(blob).map_err(|e| Error::io("opening layer blob", blob, e))?;
-    import_from(io::BufReader::with_capacity(1 << 20, f), media_type, dest, ns)
+    import_from(
+        io::BufReader::with_capacity(1 << 20, f),
+        media_type,
+        dest,
+        ns,
+    )
 }
 
 /// [`import_layer`] from any reader of the blob's bytes.

@@ -135,11 +135,17 @@ pub fn split_repo(repo: &str) -> (String, Option<String>) {
 
 fn reference(repo: &str, tag: &str) -> Result<Reference> {
     let s = format!("{repo}:{tag}");
-    let r: Reference = s
-        .parse()
-        .map_err(|e| rerr(format!("{s:?} is not a registry reference (REGISTRY/PATH[:TAG]): {e}")))?;
+    let r: Reference = s.parse().map_err(|e| {
+        rerr(format!(
+            "{s:?} is not a registry reference (REGISTRY/PATH[:TAG]): {e}"
+        ))
+    })?;
     // Without a registry host, "foo/bar" would silently mean Docker Hub: say so instead.
-    if !repo.split('/').next().is_some_and(|h| h.contains(['.', ':']) || h == "localhost") {
+    if !repo
+        .split('/')
+        .next()
+        .is_some_and(|h| h.contains(['.', ':']) || h == "localhost")
+    {
         return Err(rerr(format!(
             "{repo:?} names no registry host; write it as HOST[:PORT]/PATH (e.g. 127.0.0.1:5000/caches)"
         )));
@@ -261,8 +267,17 @@ pub async fn push_async(
     let (repo, tag) = split_repo(repo);
     let tag = tag.unwrap_or_else(|| tag_for(&cache, &scope));
     let reference = reference(&repo, &tag)?;
-    let repo_id = format!("{}/{}", reference.resolve_registry(), reference.repository());
-    let conn = registry::connect(&reference, access, &[RegistryOperation::Pull, RegistryOperation::Push]).await?;
+    let repo_id = format!(
+        "{}/{}",
+        reference.resolve_registry(),
+        reference.repository()
+    );
+    let conn = registry::connect(
+        &reference,
+        access,
+        &[RegistryOperation::Pull, RegistryOperation::Push],
+    )
+    .await?;
     let conn = Arc::new(conn);
 
     let store_c = store.clone();
@@ -305,7 +320,10 @@ pub async fn push_async(
             let report = report.clone();
             let repo_id = repo_id.clone();
             async move {
-                push_layer(&conn, &reference, &repo_id, l, dir, blob, &progress, &report).await
+                push_layer(
+                    &conn, &reference, &repo_id, l, dir, blob, &progress, &report,
+                )
+                .await
             }
         })
         .buffered(access.concurrency.max(1))
@@ -387,10 +405,7 @@ pub async fn push_async(
         .push_manifest(&reference, &manifest.into())
         .await
         .map_err(|e| registry::oci_err("uploading the manifest", &reference, e))?;
-    let mut report = report
-        .lock()
-        .map(|r| r.clone())
-        .unwrap_or_default();
+    let mut report = report.lock().map(|r| r.clone()).unwrap_or_default();
     report.reference = format!("{repo}:{tag}");
     report.manifest_digest = url.rsplit('/').next().unwrap_or_default().to_string();
     report.layers = layers.len();
@@ -418,7 +433,11 @@ async fn push_layer(
     };
     if let Some(r) = &l.recorded {
         if exists(r.digest.clone()).await? {
-            tracing::debug!(layer = l.name, digest = r.digest, "the registry has this layer");
+            tracing::debug!(
+                layer = l.name,
+                digest = r.digest,
+                "the registry has this layer"
+            );
             return Ok(RemoteInfo {
                 repo: Some(repo_id.to_string()),
                 ..r.clone()
@@ -426,7 +445,8 @@ async fn push_layer(
         }
         // Cross-repository mount from where it was last seen on the same registry.
         if let Some(src) = r.repo.as_deref().filter(|s| *s != repo_id) {
-            if let Some(src_repo) = src.strip_prefix(&format!("{}/", reference.resolve_registry())) {
+            if let Some(src_repo) = src.strip_prefix(&format!("{}/", reference.resolve_registry()))
+            {
                 let src_ref = Reference::with_tag(
                     reference.resolve_registry().to_string(),
                     src_repo.to_string(),
@@ -554,7 +574,8 @@ fn check_manifest(m: &OciImageManifest, reference: &str) -> Result<Vec<PullLayer
     }
     let mut out = Vec::new();
     for (i, d) in m.layers.iter().enumerate() {
-        if ![layer::MEDIA_ZSTD, layer::MEDIA_GZIP, layer::MEDIA_TAR].contains(&d.media_type.as_str())
+        if ![layer::MEDIA_ZSTD, layer::MEDIA_GZIP, layer::MEDIA_TAR]
+            .contains(&d.media_type.as_str())
         {
             return Err(rerr(format!(
                 "{reference}: layer {i} has media type {:?}, which is not an OCI layer tar",
@@ -565,7 +586,10 @@ fn check_manifest(m: &OciImageManifest, reference: &str) -> Result<Vec<PullLayer
             || d.digest.len() != 71
             || !d.digest[7..].bytes().all(|b| b.is_ascii_hexdigit())
         {
-            return Err(rerr(format!("{reference}: layer {i} has a bad digest {:?}", d.digest)));
+            return Err(rerr(format!(
+                "{reference}: layer {i} has a bad digest {:?}",
+                d.digest
+            )));
         }
         let ann = d.annotations.clone().unwrap_or_default();
         let name = ann
@@ -634,7 +658,11 @@ pub async fn pull_async(
     let (repo, tag) = split_repo(repo);
     let tag = tag.unwrap_or_else(|| tag_for(&cache, &scope));
     let reference = reference(&repo, &tag)?;
-    let repo_id = format!("{}/{}", reference.resolve_registry(), reference.repository());
+    let repo_id = format!(
+        "{}/{}",
+        reference.resolve_registry(),
+        reference.repository()
+    );
     let shown = format!("{repo}:{tag}");
     let conn = Arc::new(registry::connect(&reference, access, &[RegistryOperation::Pull]).await?);
     let (manifest, _digest) = conn
@@ -663,7 +691,10 @@ pub async fn pull_async(
         ..PullReport::default()
     };
     let need: Vec<usize> = (0..layers.len()).filter(|i| have[*i].is_none()).collect();
-    let total: u64 = need.iter().map(|i| layers[*i].desc.size.max(0) as u64).sum();
+    let total: u64 = need
+        .iter()
+        .map(|i| layers[*i].desc.size.max(0) as u64)
+        .sum();
     let progress = bar(total, "pull");
     let stamp = format!("{}-{}", std::process::id(), unique_suffix());
     let cache_dir = store.cache_dir(&cache);
@@ -706,7 +737,16 @@ pub async fn pull_async(
             layer::sync_tree(&cache_dir)?;
         }
         crate::failpoint!("remote::pull_after_sync");
-        switch(store, &cache, ns, &layers, &have, &tmp_of, &repo_id, &mut report)
+        switch(
+            store,
+            &cache,
+            ns,
+            &layers,
+            &have,
+            &tmp_of,
+            &repo_id,
+            &mut report,
+        )
     })();
     if let Err(e) = switched {
         cleanup(&need);
@@ -823,10 +863,8 @@ fn switch(
             parent = Some(name.clone());
             continue;
         }
-        let taken = |n: &str| {
-            store.layer_dir(cache, n).exists()
-                || records.iter().any(|(r, _)| r == n)
-        };
+        let taken =
+            |n: &str| store.layer_dir(cache, n).exists() || records.iter().any(|(r, _)| r == n);
         let name = st.unique_layer_name(&l.name, taken);
         let dest = store.layer_dir(cache, &name);
         std::fs::rename(tmp_of(i), &dest).ctx("moving a pulled layer into place", &dest)?;

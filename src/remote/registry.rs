@@ -42,10 +42,13 @@ pub struct Conn {
 /// Turns an oci-client error into ours, saying what we were doing.
 pub fn oci_err(what: &str, reference: &Reference, e: OciDistributionError) -> Error {
     let hint = match &e {
-        OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } =>
-            " (the registry refused the credentials: check --remote-auth-file or `docker login`)",
-        OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() =>
-            " (the registry is unreachable)",
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => {
+            " (the registry refused the credentials: check --remote-auth-file or `docker login`)"
+        }
+        OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
+            " (the registry is unreachable)"
+        }
         OciDistributionError::DigestError(_) => " (the blob does not match its digest)",
         _ => "",
     };
@@ -89,7 +92,13 @@ pub async fn connect(
 mod tests {
     #[test]
     fn loopback() {
-        for r in ["127.0.0.1:5000", "localhost", "localhost:80", "[::1]:5000", "127.1.2.3"] {
+        for r in [
+            "127.0.0.1:5000",
+            "localhost",
+            "localhost:80",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
             assert!(super::is_loopback(r), "{r}");
         }
         for r in ["ghcr.io", "10.0.0.1:5000", "example.com:5000"] {
