@@ -87,6 +87,21 @@ enum Command {
         /// volume records idle that long. Off by default.
         #[arg(long, env = "CACHEDRIVER_MAX_IDLE", value_parser = crate::budget::parse_duration)]
         max_idle: Option<std::time::Duration>,
+        /// Share caches through this OCI repository (`HOST[:PORT]/PATH`): a cache's first
+        /// session here starts from the remote snapshot, and every commit is pushed in the
+        /// background. Off by default.
+        #[arg(long, env = "CACHEDRIVER_REMOTE")]
+        remote: Option<String>,
+        /// Registry credentials in Docker's config.json format (default: ~/.docker/config.json).
+        #[arg(long, env = "CACHEDRIVER_REMOTE_AUTH_FILE")]
+        remote_auth_file: Option<PathBuf>,
+        /// Allow plain HTTP to a registry that is not on loopback.
+        #[arg(long, env = "CACHEDRIVER_REMOTE_INSECURE")]
+        remote_insecure: bool,
+        /// How long a first session waits for the remote snapshot before starting empty.
+        #[arg(long, env = "CACHEDRIVER_REMOTE_TIMEOUT", default_value = "60s",
+            value_parser = crate::budget::parse_duration)]
+        remote_timeout: std::time::Duration,
     },
     /// Flatten caches' latest chains now (all caches when none is named), then collect garbage.
     Compact {
@@ -253,7 +268,22 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             max_size,
             max_idle,
             metrics,
+            remote,
+            remote_auth_file,
+            remote_insecure,
+            remote_timeout,
         } => {
+            if let Some(repo) = remote {
+                crate::remote::auto::install(crate::remote::auto::Auto {
+                    repo,
+                    access: crate::remote::Access {
+                        auth_file: remote_auth_file,
+                        insecure: remote_insecure,
+                        concurrency: 4,
+                    },
+                    pull_timeout: remote_timeout,
+                });
+            }
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
             raise_nofile_limit();

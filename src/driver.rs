@@ -260,6 +260,7 @@ impl Driver {
             tracing::info!(volume = name, id, "joined session");
             return Ok(merged);
         }
+        crate::remote::auto::before_session(&self.store, &rec.cache);
         let state = self.store.ensure_cache(&rec.cache, self.xattr)?;
         let lowers = state.latest_chain()?;
         let base = lowers[0].clone();
@@ -338,6 +339,7 @@ impl Driver {
         let t1 = std::time::Instant::now();
         let outcome = commit::commit(&self.store, &rec, &session, mode)?;
         crate::maintenance::after_commit(&self.store, &rec.cache, &outcome, self.maintenance.get());
+        crate::remote::auto::after_commit(&self.store, &rec.cache, &outcome);
         let t2 = std::time::Instant::now();
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;

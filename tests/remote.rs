@@ -5,160 +5,18 @@
 
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
+#[path = "support/registry.rs"]
+mod registry;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use cachedriver::remote::{self, Access};
 use cachedriver::store::Store;
-use driver_fixture::{backends, skip, Fixture};
-
-const REGISTRY: &str = "/usr/bin/docker-registry";
-
-/// A registry process with its own config and storage; stopped on drop.
-struct Registry {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    port: u16,
-    auth: Option<(String, String)>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-impl Registry {
-    fn start(auth: Option<(&str, &str)>) -> Option<Registry> {
-        if !Path::new(REGISTRY).exists() {
-            skip(
-                "remote",
-                "docker-registry is not installed (scripts/install-deps.sh installs it)",
-            );
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut reg = Registry {
-            dir,
-            child: None,
-            port: free_port(),
-            auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
-        };
-        reg.spawn();
-        Some(reg)
-    }
-
-    fn spawn(&mut self) {
-        let d = self.dir.path();
-        let mut cfg = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n",
-            d.join("data").display(),
-            self.port
-        );
-        if let Some((u, p)) = &self.auth {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", u, p])
-                .output()
-                .expect("htpasswd (apache2-utils)");
-            assert!(out.status.success(), "htpasswd failed");
-            fs::write(d.join("htpasswd"), &out.stdout).unwrap();
-            cfg.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
-                d.join("htpasswd").display()
-            ));
-        }
-        fs::write(d.join("config.yml"), cfg).unwrap();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.join("log"))
-            .unwrap();
-        let child = Command::new(REGISTRY)
-            .arg("serve")
-            .arg(d.join("config.yml"))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start docker-registry");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut b = String::new();
-                let _ = s.read_to_string(&mut b);
-                if b.starts_with("HTTP/1.") {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "registry did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn repo(&self, path: &str) -> String {
-        format!("127.0.0.1:{}/{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    /// Blob uploads the registry completed (its access log's `PUT .../blobs/uploads/... 201`).
-    fn blob_puts(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| {
-                l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/") && l.contains("\" 201 ")
-            })
-            .count()
-    }
-
-    /// Blob downloads the registry served (`GET .../blobs/sha256:...` answered 200).
-    fn blob_gets(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| {
-                l.contains("\"GET /v2/") && l.contains("/blobs/sha256:") && l.contains("\" 200 ")
-            })
-            .count()
-    }
-
-    /// The stored data file of a blob.
-    fn blob_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use driver_fixture::{backends, Fixture};
+use registry::Registry;
 
 fn access() -> Access {
     Access {
@@ -650,4 +508,115 @@ fn failures_leave_both_stores_unchanged() {
             .len(),
         3 << 20
     );
+}
+
+/// The CLI end to end, and a failpoint at each state-changing step of pull: the step fails,
+/// the cache's state is unchanged, and the next pull lands.
+#[test]
+fn cli_push_pull_and_pull_failpoints() {
+    let Some(reg) = Registry::start(None) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let a_root = tmp.path().join("a");
+    direct_cache(&a_root, "sbt", &[("k/v", b"value")]);
+    let repo = reg.repo("cli/caches");
+    let cfg = tmp.path().join("config.json");
+    fs::write(&cfg, "{}").unwrap();
+    let run = |args: &[&str], fp: Option<&str>| {
+        let mut c = std::process::Command::new(driver_fixture::exe());
+        c.args(args)
+            .arg("--remote-auth-file")
+            .arg(&cfg)
+            .env("CACHEDRIVER_LOG", "warn");
+        if let Some(f) = fp {
+            c.env("FAILPOINTS", f);
+        }
+        c.output().unwrap()
+    };
+    let out = run(
+        &[
+            "push",
+            "--root",
+            a_root.to_str().unwrap(),
+            "--json",
+            "sbt",
+            &repo,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["layers"], 1);
+    let b_root = tmp.path().join("b");
+    let b = direct_cache(&b_root, "sbt", &[("old", b"old")]);
+    let before = fs::read(b.state_path("sbt")).unwrap();
+    if cfg!(feature = "failpoints") {
+        for fp in [
+            "remote::pull_after_download",
+            "remote::pull_after_unpack",
+            "remote::pull_after_sync",
+            "remote::pull_after_rename",
+            "remote::pull_before_state",
+        ] {
+            let out = run(
+                &[
+                    "pull",
+                    "--root",
+                    b_root.to_str().unwrap(),
+                    &format!("{repo}:sbt.default"),
+                    "sbt",
+                ],
+                Some(&format!("{fp}=return")),
+            );
+            assert!(!out.status.success(), "{fp} did not fire");
+            assert_eq!(
+                fs::read(b.state_path("sbt")).unwrap(),
+                before,
+                "{fp} changed the state"
+            );
+            assert!(
+                leftovers(&b_root, "sbt").is_empty(),
+                "{fp}: {:?}",
+                leftovers(&b_root, "sbt")
+            );
+        }
+    } else {
+        eprintln!("remote: pull failpoints not compiled in (build with --features failpoints)");
+    }
+    let out = run(
+        &[
+            "pull",
+            "--root",
+            b_root.to_str().unwrap(),
+            &repo,
+            "sbt:default",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest = b.load_state("sbt").unwrap().unwrap().state.latest;
+    assert_eq!(
+        fs::read(b.layer_dir("sbt", &latest).join("k/v")).unwrap(),
+        b"value"
+    );
+    let out = run(
+        &[
+            "pull",
+            "--root",
+            b_root.to_str().unwrap(),
+            &repo,
+            "sbt:pr-7",
+        ],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scopes are not supported yet"));
 }

@@ -23,6 +23,7 @@
 //! sessions keep their explicit `lowers`; the old chain stays until GC finds it unused.
 
 pub mod auth;
+pub mod auto;
 pub mod layer;
 pub mod registry;
 
@@ -654,6 +655,85 @@ pub async fn pull_async(
     spec: &str,
     access: &Access,
 ) -> Result<PullReport> {
+    let (cache, _) = parse_cache_spec(spec)?;
+    let store_c = store.clone();
+    let cache_c = cache.clone();
+    let maint = blocking(move || store_c.lock_maintenance(&cache_c)).await?;
+    remove_leftovers(store, &cache)?;
+    let state = {
+        let _l = store.lock_cache(&cache)?;
+        store.load_state(&cache)?
+    };
+    let fetched = fetch(store, repo, spec, access, state.as_ref()).await?;
+    let report = fetched.land(store, true)?;
+    drop(maint);
+    Ok(report)
+}
+
+/// A snapshot downloaded and unpacked into `.tmp-pull-*` dirs, not yet in the cache's state.
+/// Dropped without [`Fetched::land`], it removes its dirs.
+pub struct Fetched {
+    cache: String,
+    ns: XattrNs,
+    layers: Vec<PullLayer>,
+    have: Vec<Option<String>>,
+    need: Vec<usize>,
+    tmp: Vec<PathBuf>,
+    repo_id: String,
+    report: PullReport,
+    landed: bool,
+}
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        if !self.landed {
+            for i in &self.need {
+                let _ = remove_tree(&self.tmp[*i]);
+                let _ = std::fs::remove_file(self.tmp[*i].with_extension("blob"));
+            }
+        }
+    }
+}
+
+impl Fetched {
+    /// Makes the fetched snapshot the cache's latest (see the module doc, step 3). With `lock`
+    /// false the caller already holds the cache lock.
+    pub fn land(mut self, store: &Store, lock: bool) -> Result<PullReport> {
+        if !self.need.is_empty() {
+            layer::sync_tree(&store.cache_dir(&self.cache))?;
+        }
+        crate::failpoint!("remote::pull_after_sync");
+        let tmp = self.tmp.clone();
+        let tmp_of = move |i: usize| tmp[i].clone();
+        let mut report = std::mem::take(&mut self.report);
+        switch(
+            store,
+            &self.cache,
+            self.ns,
+            &self.layers,
+            &self.have,
+            &tmp_of,
+            &self.repo_id,
+            &mut report,
+            lock,
+        )?;
+        self.landed = true;
+        tracing::info!(cache = self.cache, reference = %report.reference, layers = report.layers,
+            downloaded = report.downloaded.len(), reused = report.reused.len(), bytes = report.bytes,
+            latest = report.latest, "pulled");
+        Ok(report)
+    }
+}
+
+/// Reads `repo[:tag]`'s manifest, plans against `state` (the cache's current state, if any) and
+/// downloads and unpacks the layers this host lacks. Changes no state.
+pub async fn fetch(
+    store: &Store,
+    repo: &str,
+    spec: &str,
+    access: &Access,
+    state: Option<&CacheState>,
+) -> Result<Fetched> {
     let (cache, scope) = parse_cache_spec(spec)?;
     let (repo, tag) = split_repo(repo);
     let tag = tag.unwrap_or_else(|| tag_for(&cache, &scope));
@@ -671,95 +751,60 @@ pub async fn pull_async(
         .await
         .map_err(|e| registry::oci_err("reading the snapshot manifest", &reference, e))?;
     let layers = check_manifest(&manifest, &shown)?;
-
-    let store_c = store.clone();
-    let cache_c = cache.clone();
-    let maint = blocking(move || store_c.lock_maintenance(&cache_c)).await?;
-    remove_leftovers(store, &cache)?;
-    let state = {
-        let _l = store.lock_cache(&cache)?;
-        store.load_state(&cache)?
-    };
     let ns = state
-        .as_ref()
         .and_then(|s| s.xattr)
         .unwrap_or_else(XattrNs::for_this_process);
-    let have = plan(state.as_ref(), &layers);
-    let mut report = PullReport {
-        reference: shown.clone(),
-        layers: layers.len(),
-        ..PullReport::default()
-    };
+    let have = plan(state, &layers);
     let need: Vec<usize> = (0..layers.len()).filter(|i| have[*i].is_none()).collect();
     let total: u64 = need
         .iter()
         .map(|i| layers[*i].desc.size.max(0) as u64)
         .sum();
-    let progress = bar(total, "pull");
     let stamp = format!("{}-{}", std::process::id(), unique_suffix());
     let cache_dir = store.cache_dir(&cache);
-    let tmp_of = |i: usize| cache_dir.join(format!("{TMP_PREFIX}{stamp}-{i}"));
-
+    std::fs::create_dir_all(&cache_dir).ctx("creating cache dir", &cache_dir)?;
+    let tmp: Vec<PathBuf> = (0..layers.len())
+        .map(|i| cache_dir.join(format!("{TMP_PREFIX}{stamp}-{i}")))
+        .collect();
+    let fetched = Fetched {
+        cache,
+        ns,
+        layers,
+        have,
+        need,
+        tmp,
+        repo_id,
+        report: PullReport {
+            reference: shown,
+            bytes: total,
+            ..PullReport::default()
+        },
+        landed: false,
+    };
+    let progress = bar(total, "pull");
     use futures_util::stream::{self, StreamExt, TryStreamExt};
-    let fetched: Result<Vec<(usize, layer::ImportStats)>> = stream::iter(need.iter().copied())
+    let res: Result<Vec<()>> = stream::iter(fetched.need.iter().copied())
         .map(|i| {
             let conn = conn.clone();
             let reference = reference.clone();
-            let l = layers[i].clone();
-            let dest = tmp_of(i);
+            let l = fetched.layers[i].clone();
+            let dest = fetched.tmp[i].clone();
             let progress = progress.clone();
             async move {
                 let blob = dest.with_extension("blob");
                 let st = fetch_layer(&conn, &reference, &l, &blob, &dest, ns, &progress).await;
                 let _ = tokio::fs::remove_file(&blob).await;
-                st.map(|s| (i, s))
+                st.map(drop)
             }
         })
         .buffer_unordered(access.concurrency.max(1))
         .try_collect()
         .await;
     progress.finish_and_clear();
-    let cleanup = |need: &[usize]| {
-        for i in need {
-            let _ = remove_tree(&tmp_of(*i));
-            let _ = std::fs::remove_file(tmp_of(*i).with_extension("blob"));
-        }
-    };
-    let fetched = match fetched {
-        Ok(f) => f,
-        Err(e) => {
-            cleanup(&need);
-            return Err(e);
-        }
-    };
-    let switched = (|| -> Result<()> {
-        if !need.is_empty() {
-            layer::sync_tree(&cache_dir)?;
-        }
-        crate::failpoint!("remote::pull_after_sync");
-        switch(
-            store,
-            &cache,
-            ns,
-            &layers,
-            &have,
-            &tmp_of,
-            &repo_id,
-            &mut report,
-        )
-    })();
-    if let Err(e) = switched {
-        cleanup(&need);
-        return Err(e);
-    }
-    drop(maint);
-    report.bytes = fetched
-        .iter()
-        .map(|(i, _)| layers[*i].desc.size.max(0) as u64)
-        .sum();
-    tracing::info!(cache, reference = %shown, layers = report.layers, downloaded = report.downloaded.len(),
-        reused = report.reused.len(), bytes = report.bytes, latest = report.latest, "pulled");
-    Ok(report)
+    let mut fetched = fetched;
+    fetched.report.layers = fetched.layers.len();
+    // On error, dropping `fetched` removes what was unpacked.
+    res.map(|_| fetched)
 }
 
 fn unique_suffix() -> u128 {
@@ -830,8 +875,13 @@ fn switch(
     tmp_of: &dyn Fn(usize) -> PathBuf,
     repo_id: &str,
     report: &mut PullReport,
+    lock: bool,
 ) -> Result<()> {
-    let _l = store.lock_cache(cache)?;
+    let _l = if lock {
+        Some(store.lock_cache(cache)?)
+    } else {
+        None
+    };
     let mut st = match store.load_state(cache)? {
         Some(s) => s,
         None => {
