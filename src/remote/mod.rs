@@ -493,11 +493,24 @@ async fn push_layer(
     if !exists(info.digest.clone()).await? {
         progress.inc_length(info.size);
         progress.set_message(l.name.clone());
-        let data = tokio::fs::read(&blob)
+        // Streamed from the file: a layer of any size costs one buffer of memory.
+        let file = tokio::fs::File::open(&blob)
             .await
-            .map_err(|e| Error::io("reading layer blob", &blob, e))?;
+            .map_err(|e| Error::io("opening layer blob", &blob, e))?;
+        let body = futures_util::stream::unfold(file, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 20];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), f))
+                }
+                Err(e) => Some((Err(e.into()), f)),
+            }
+        });
         conn.client
-            .push_blob(reference, data, &info.digest)
+            .push_blob_stream(reference, body, &info.digest, Some(info.size))
             .await
             .map_err(|e| registry::oci_err("uploading a layer blob", reference, e))?;
         progress.inc(info.size);
