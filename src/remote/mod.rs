@@ -831,53 +831,104 @@ async fn fetch_layer(
     conn: &registry::Conn,
     reference: &Reference,
     l: &PullLayer,
-    blob: &Path,
+    _blob: &Path,
     dest: &Path,
     ns: XattrNs,
     progress: &indicatif::ProgressBar,
 ) -> Result<layer::ImportStats> {
-    let f = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(blob)
+    use futures_util::StreamExt;
+    let what = format!("downloading layer {}", l.name);
+    let mut sized = conn
+        .client
+        .pull_blob_stream(reference, &l.desc)
         .await
-        .map_err(|e| Error::io("creating blob file", blob, e))?;
-    let mut w = tokio::io::BufWriter::new(f);
-    conn.client
-        .pull_blob(reference, &l.desc, &mut w)
-        .await
-        .map_err(|e| registry::oci_err(&format!("downloading layer {}", l.name), reference, e))?;
-    crate::failpoint!("remote::pull_after_download");
-    progress.inc(l.desc.size.max(0) as u64);
-    let l = l.clone();
-    let blob = blob.to_path_buf();
-    let dest = dest.to_path_buf();
-    blocking(move || {
-        // oci-client hashed the bytes as they arrived and refused a mismatch; the size on disk
-        // is checked here too (a short write would otherwise show only as a bad tar).
-        let size = std::fs::metadata(&blob)
-            .ctx("inspecting blob", &blob)?
-            .len();
-        if size != l.desc.size.max(0) as u64 {
-            return Err(rerr(format!(
-                "layer {} does not match its digest: expected {} bytes, got {size}",
-                l.name, l.desc.size
-            )));
-        }
-        std::fs::create_dir(&dest).ctx("creating pull dir", &dest)?;
-        let st = layer::import_layer(&blob, &l.desc.media_type, &dest, ns)?;
-        if let Some(want) = &l.diff_id {
-            if *want != st.diff_id {
-                return Err(rerr(format!(
-                    "layer {} unpacks to diffID {}, not the {want} its manifest says",
-                    l.name, st.diff_id
-                )));
+        .map_err(|e| registry::oci_err(&what, reference, e))?;
+    // Unpacked while it downloads: the bytes go through a bounded channel to a blocking thread.
+    // oci-client's stream hashes what arrives and ends in an error on a digest mismatch.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(32);
+    let media = l.desc.media_type.clone();
+    let d = dest.to_path_buf();
+    let unpack = tokio::task::spawn_blocking(move || -> Result<layer::ImportStats> {
+        std::fs::create_dir(&d).ctx("creating pull dir", &d)?;
+        let reader = ChanReader {
+            rx,
+            cur: bytes::Bytes::new(),
+        };
+        layer::import_from(
+            std::io::BufReader::with_capacity(1 << 20, reader),
+            &media,
+            &d,
+            ns,
+        )
+    });
+    let mut size = 0u64;
+    let mut broken: Option<String> = None;
+    while let Some(item) = sized.stream.next().await {
+        match item {
+            Ok(b) => {
+                size += b.len() as u64;
+                progress.inc(b.len() as u64);
+                if tx.send(Ok(b)).await.is_err() {
+                    // The unpacker stopped (its error is reported below).
+                    break;
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
+                broken = Some(msg);
+                break;
             }
         }
-        crate::failpoint!("remote::pull_after_unpack");
-        Ok(st)
-    })
-    .await
+    }
+    drop(tx);
+    let st = unpack
+        .await
+        .map_err(|e| rerr(format!("the unpacking thread failed: {e}")))?;
+    if let Some(e) = broken {
+        return Err(rerr(format!(
+            "{what} from {reference}: {e} (the transfer broke, or the blob does not match its digest)"
+        )));
+    }
+    let st = st?;
+    if size != l.desc.size.max(0) as u64 {
+        return Err(rerr(format!(
+            "layer {} does not match its digest: expected {} bytes, got {size}",
+            l.name, l.desc.size
+        )));
+    }
+    crate::failpoint!("remote::pull_after_download");
+    if let Some(want) = &l.diff_id {
+        if *want != st.diff_id {
+            return Err(rerr(format!(
+                "layer {} unpacks to diffID {}, not the {want} its manifest says",
+                l.name, st.diff_id
+            )));
+        }
+    }
+    crate::failpoint!("remote::pull_after_unpack");
+    Ok(st)
+}
+
+/// A blocking reader over the chunks the download sends.
+struct ChanReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    cur: bytes::Bytes,
+}
+
+impl std::io::Read for ChanReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
 }
 
 /// Under the cache lock: renames the unpacked layers into place and writes the state last.
