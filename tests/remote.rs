@@ -563,28 +563,64 @@ fn cli_push_pull_and_pull_failpoints() {
             "remote::pull_after_rename",
             "remote::pull_before_state",
         ] {
-            let out = run(
-                &[
-                    "pull",
-                    "--root",
-                    b_root.to_str().unwrap(),
-                    &format!("{repo}:sbt.default"),
-                    "sbt",
-                ],
-                Some(&format!("{fp}=return")),
-            );
-            assert!(!out.status.success(), "{fp} did not fire");
-            assert_eq!(
-                fs::read(b.state_path("sbt")).unwrap(),
-                before,
-                "{fp} changed the state"
-            );
-            assert!(
-                leftovers(&b_root, "sbt").is_empty(),
-                "{fp}: {:?}",
-                leftovers(&b_root, "sbt")
-            );
+            for action in ["return", "return(abort)"] {
+                let out = run(
+                    &[
+                        "pull",
+                        "--root",
+                        b_root.to_str().unwrap(),
+                        &format!("{repo}:sbt.default"),
+                        "sbt",
+                    ],
+                    Some(&format!("{fp}={action}")),
+                );
+                assert!(!out.status.success(), "{fp}={action} did not fire");
+                if action == "return(abort)" {
+                    assert_eq!(out.status.code(), Some(137), "{fp}: not killed");
+                }
+                assert_eq!(
+                    fs::read(b.state_path("sbt")).unwrap(),
+                    before,
+                    "{fp}={action} changed the state"
+                );
+                if action == "return" {
+                    assert!(
+                        leftovers(&b_root, "sbt").is_empty(),
+                        "{fp}: {:?}",
+                        leftovers(&b_root, "sbt")
+                    );
+                }
+            }
         }
+        // After the state is written, a crash keeps the pulled snapshot whole.
+        let out = run(
+            &["pull", "--root", b_root.to_str().unwrap(), &repo, "sbt"],
+            Some("remote::pull_after_state=return(abort)"),
+        );
+        assert_eq!(out.status.code(), Some(137));
+        let latest = b.load_state("sbt").unwrap().unwrap().state.latest;
+        assert_eq!(
+            fs::read(b.layer_dir("sbt", &latest).join("k/v")).unwrap(),
+            b"value"
+        );
+        // Digests recorded by push: a failure there leaves the state as it was.
+        let a = Store::open(&a_root).unwrap();
+        let a_before = fs::read(a.state_path("sbt")).unwrap();
+        fs::write(a.layer_dir("sbt", "0").join("k/w"), b"more").unwrap();
+        let mut st = a.load_state("sbt").unwrap().unwrap();
+        st.layers
+            .get_mut("0")
+            .unwrap()
+            .set_ext("remote", serde_json::json!(null));
+        a.save_state("sbt", &st).unwrap();
+        let mid = fs::read(a.state_path("sbt")).unwrap();
+        let out = run(
+            &["push", "--root", a_root.to_str().unwrap(), "sbt", &repo],
+            Some("remote::push_before_record=return(abort)"),
+        );
+        assert_eq!(out.status.code(), Some(137));
+        assert_eq!(fs::read(a.state_path("sbt")).unwrap(), mid);
+        assert_ne!(mid, a_before);
     } else {
         eprintln!("remote: pull failpoints not compiled in (build with --features failpoints)");
     }
