@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what cachedriver's build, tests and benchmarks need on a fresh Debian host (idempotent).
 set -euo pipefail
-pkgs=(docker.io podman fuse3 fuse-overlayfs busybox-static util-linux mount e2fsprogs kmod iproute2 uidmap slirp4netns rootlesskit)
+pkgs=(docker.io podman fuse3 fuse-overlayfs busybox-static util-linux mount e2fsprogs kmod iproute2 uidmap slirp4netns rootlesskit docker-registry apache2-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

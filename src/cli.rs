@@ -87,6 +87,21 @@ enum Command {
         /// volume records idle that long. Off by default.
         #[arg(long, env = "CACHEDRIVER_MAX_IDLE", value_parser = crate::budget::parse_duration)]
         max_idle: Option<std::time::Duration>,
+        /// Share caches through this OCI repository (`HOST[:PORT]/PATH`): a cache's first
+        /// session here starts from the remote snapshot, and every commit is pushed in the
+        /// background. Off by default.
+        #[arg(long, env = "CACHEDRIVER_REMOTE")]
+        remote: Option<String>,
+        /// Registry credentials in Docker's config.json format (default: ~/.docker/config.json).
+        #[arg(long, env = "CACHEDRIVER_REMOTE_AUTH_FILE")]
+        remote_auth_file: Option<PathBuf>,
+        /// Allow plain HTTP to a registry that is not on loopback.
+        #[arg(long, env = "CACHEDRIVER_REMOTE_INSECURE")]
+        remote_insecure: bool,
+        /// How long a first session waits for the remote snapshot before starting empty.
+        #[arg(long, env = "CACHEDRIVER_REMOTE_TIMEOUT", default_value = "60s",
+            value_parser = crate::budget::parse_duration)]
+        remote_timeout: std::time::Duration,
         /// Seconds after a Mount during which a view no container has yet still counts as used
         /// (the engine mounts it into the container after our reply).
         #[arg(long, env = "CACHEDRIVER_ORPHAN_GRACE", default_value_t = crate::driver::DEFAULT_ORPHAN_GRACE.as_secs())]
@@ -162,6 +177,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upload a cache's latest snapshot to an OCI registry (only the layers it lacks).
+    Push {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The cache (`CACHE` or `CACHE:default`).
+        cache: String,
+        /// The repository, `HOST[:PORT]/PATH[:TAG]` (tag default: `CACHE.default`).
+        repo: String,
+    },
+    /// Download a snapshot from an OCI registry and make it the cache's latest (only the
+    /// layers this host lacks travel).
+    Pull {
+        /// Store root.
+        #[arg(long, env = "CACHEDRIVER_ROOT", default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// The repository, `HOST[:PORT]/PATH[:TAG]` (tag default: `CACHE.default`).
+        repo: String,
+        /// The cache (`CACHE` or `CACHE:default`).
+        cache: String,
+    },
     /// List caches (latest, layer chain, sizes) and volumes with their sessions.
     Ls {
         /// Store root.
@@ -171,6 +211,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How to reach a registry (push, pull).
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// Registry credentials in Docker's config.json format (default: ~/.docker/config.json).
+    #[arg(long, env = "CACHEDRIVER_REMOTE_AUTH_FILE")]
+    remote_auth_file: Option<PathBuf>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[arg(long, env = "CACHEDRIVER_REMOTE_INSECURE")]
+    remote_insecure: bool,
+    /// Blobs moved at once.
+    #[arg(long, default_value_t = 4)]
+    remote_jobs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RemoteArgs {
+    fn access(&self) -> crate::remote::Access {
+        crate::remote::Access {
+            auth_file: self.remote_auth_file.clone(),
+            insecure: self.remote_insecure,
+            concurrency: self.remote_jobs.max(1),
+        }
+    }
 }
 
 fn init_logging() {
@@ -240,7 +307,22 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             metrics,
             orphan_grace,
             sweep_interval,
+            remote,
+            remote_auth_file,
+            remote_insecure,
+            remote_timeout,
         } => {
+            if let Some(repo) = remote {
+                crate::remote::auto::install(crate::remote::auto::Auto {
+                    repo,
+                    access: crate::remote::Access {
+                        auth_file: remote_auth_file,
+                        insecure: remote_insecure,
+                        concurrency: 4,
+                    },
+                    pull_timeout: remote_timeout,
+                });
+            }
             crate::init::reap_as_pid1()?;
             crate::preflight::check(&root, &socket).map_err(|e| anyhow!(e))?;
             raise_nofile_limit();
@@ -363,6 +445,51 @@ pub fn run(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                 .pick(BackendChoice::Auto)
                 .map(|_| ())
                 .map_err(|e| anyhow!(e))
+        }
+        Command::Push {
+            root,
+            remote,
+            cache,
+            repo,
+        } => {
+            let r = crate::remote::push(&open_store(&root)?, &cache, &repo, &remote.access())?;
+            if remote.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "pushed {cache} to {} ({}): {} layer(s), {} uploaded ({}), {} mounted, {} already there",
+                    r.reference,
+                    r.manifest_digest,
+                    r.layers,
+                    r.uploaded.len(),
+                    crate::ls::human(r.bytes),
+                    r.mounted.len(),
+                    r.layers - r.uploaded.len() - r.mounted.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Pull {
+            root,
+            remote,
+            repo,
+            cache,
+        } => {
+            let r = crate::remote::pull(&open_store(&root)?, &repo, &cache, &remote.access())?;
+            if remote.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "pulled {} into {cache}: {} layer(s), {} downloaded ({}), {} already here; latest {}",
+                    r.reference,
+                    r.layers,
+                    r.downloaded.len(),
+                    crate::ls::human(r.bytes),
+                    r.reused.len(),
+                    r.latest
+                );
+            }
+            Ok(())
         }
         Command::Ls { root, json } => {
             let store = open_store(&root)?;

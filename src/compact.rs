@@ -27,7 +27,7 @@
 //! complete layer dir that no state names (for GC).
 
 mod flatten;
-mod sys;
+pub(crate) mod sys;
 
 use std::fs;
 use std::path::PathBuf;

@@ -387,6 +387,7 @@ impl Driver {
                 return Ok(merged);
             }
         }
+        crate::remote::auto::before_session(&self.store, &rec.cache);
         let mut state = self.store.ensure_cache(&rec.cache, self.xattr)?;
         let opts = VolumeOptions::parse(&rec.options)?;
         let lowers = crate::scope::start(&self.store, &rec.cache, &mut state, &opts)?.lowers;
@@ -551,6 +552,7 @@ impl Driver {
         crate::failpoint!("driver::end_before_commit");
         let outcome = commit::commit(&self.store, rec, mode)?;
         crate::maintenance::after_commit(&self.store, &rec.cache, &outcome, self.maintenance.get());
+        crate::remote::auto::after_commit(&self.store, &rec.cache, &outcome);
         let t2 = std::time::Instant::now();
         let _ = fs::remove_file(self.store.pid_file(&rec.cache, &rec.id));
         rec.session = None;

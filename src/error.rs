@@ -35,6 +35,9 @@ pub enum Error {
     /// A backend failed to mount or unmount.
     #[error("{0}")]
     Backend(String),
+    /// A registry, its credentials or what it sent were not usable (push/pull, issue 16).
+    #[error("{0}")]
+    Remote(String),
     /// A crash-test failpoint fired (only in `--features failpoints` builds).
     #[error("failpoint {0} fired")]
     Failpoint(&'static str),

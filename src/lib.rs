@@ -38,6 +38,7 @@ pub mod probe;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;
+pub mod remote;
 pub mod scope;
 pub mod server;
 pub mod sessions;

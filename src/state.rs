@@ -46,6 +46,18 @@ pub struct LayerInfo {
     extra: BTreeMap<String, serde_json::Value>,
 }
 
+impl LayerInfo {
+    /// A value another module recorded under `key` (e.g. `remote`: the layer's registry digests).
+    pub fn ext(&self, key: &str) -> Option<&serde_json::Value> {
+        self.extra.get(key)
+    }
+
+    /// Records `value` under `key`; kept on rewrite by versions that do not know the key.
+    pub fn set_ext(&mut self, key: &str, value: serde_json::Value) {
+        self.extra.insert(key.to_string(), value);
+    }
+}
+
 /// The whole `cache-state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CacheState {
