@@ -95,6 +95,25 @@ fn stopped(pid: i32) -> bool {
     )
 }
 
+/// Chooses the FUSE server's I/O mode for every session (`CACHEDRIVER_FUSE_IO`, read at mount):
+/// - `noopen` (default): the kernel opens files without asking the server, so a warm read of a
+///   small file costs no round trip (build caches are mostly small files read again and again);
+///   files are copied up at their first write. Large sequential reads go through FUSE READs.
+/// - `passthrough`: every open is a round trip, and large lower files and upper files are read
+///   and written through FUSE passthrough at kernel speed (real root only); for caches of big
+///   archives. The README's benchmark table has both columns.
+pub const FUSE_IO_ENV: &str = "CACHEDRIVER_FUSE_IO";
+
+fn io_mode_option() -> Result<&'static str> {
+    match std::env::var(FUSE_IO_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("noopen") => Ok(""),
+        Ok("passthrough") => Ok(",passthrough=on"),
+        Ok(other) => Err(Error::Backend(format!(
+            "{FUSE_IO_ENV}={other:?}: use noopen (the default: small files read without round trips) or passthrough (large files at kernel speed)"
+        ))),
+    }
+}
+
 impl Backend for Fuse {
     fn kind(&self) -> BackendKind {
         BackendKind::Fuse
@@ -108,11 +127,12 @@ impl Backend for Fuse {
             .collect::<Result<Vec<_>>>()?
             .join(":");
         let opts = format!(
-            "lowerdir={lowers},upperdir={},workdir={},xattr={},pidfile={}",
+            "lowerdir={lowers},upperdir={},workdir={},xattr={},pidfile={}{}",
             check_path(spec.upper)?,
             check_path(spec.work)?,
             spec.xattr.as_str(),
             check_path(spec.pid_file)?,
+            io_mode_option()?,
         );
         let _ = std::fs::remove_file(spec.pid_file);
         // stderr goes to an anonymous file, not a pipe: the daemon inherits it and would keep a
