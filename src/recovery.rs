@@ -125,11 +125,21 @@ fn remove_stale_temps(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
             continue;
         }
         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            crate::failpoint!("recovery::remove_temp");
-            fs::remove_file(e.path()).ctx("removing stale temp file", &e.path())?;
-            tracing::info!(file = %e.path().display(), "removed a stale temp file");
-            report.cleaned.push(e.path().display().to_string());
-            removed = true;
+            // One file that cannot go does not keep the others.
+            let r = (|| {
+                crate::failpoint!("recovery::remove_temp");
+                fs::remove_file(e.path()).ctx("removing stale temp file", &e.path())
+            })();
+            match r {
+                Ok(()) => {
+                    tracing::info!(file = %e.path().display(), "removed a stale temp file");
+                    report.cleaned.push(e.path().display().to_string());
+                    removed = true;
+                }
+                Err(err) => {
+                    tracing::error!(file = %e.path().display(), error = %err, "could not remove a stale temp file")
+                }
+            }
         }
     }
     if removed {
@@ -144,7 +154,9 @@ impl Driver {
     pub fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
         crate::failpoint!("recovery::start");
-        remove_stale_temps(&self.store().root().join("volumes"), &mut report)?;
+        if let Err(e) = remove_stale_temps(&self.store().root().join("volumes"), &mut report) {
+            tracing::error!(error = %e, "could not clean up the volume records' temp files");
+        }
         for v in self.store().list_volumes()? {
             if v.session.is_none() {
                 // An upper no record names: a crash between making it and recording the session.
@@ -245,8 +257,13 @@ impl Driver {
                 continue;
             }
             let path = e.path();
-            if self.resolve_orphan_upper(cache, &path, &n)? {
-                report.cleaned.push(path.display().to_string());
+            match self.resolve_orphan_upper(cache, &path, &n) {
+                Ok(true) => report.cleaned.push(path.display().to_string()),
+                Ok(false) => {}
+                // The next start retries; the other orphans go on.
+                Err(e) => {
+                    tracing::error!(dir = %path.display(), error = %e, "could not resolve an orphaned upper dir")
+                }
             }
         }
         Ok(())
