@@ -86,6 +86,39 @@ fn temp_writer_pid(name: &str) -> Option<i32> {
     pid.parse().ok().filter(|p| *p > 0)
 }
 
+/// When this process started (`/proc/self/stat` start time after boot, plus boot time).
+fn own_start_time() -> Option<std::time::SystemTime> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; starttime is 22nd.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: u64 = fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(btime * 1000 + ticks * 1000 / hz))
+}
+
+/// True when the temp file `path` of writer `pid` may still be in use: the writer is a live
+/// cachedriver process other than us, or is us and wrote it since we started (startup
+/// recovery runs while requests are already served). Ours from before our start is a previous
+/// incarnation's (the same pid after a restart, as in a container); a pid reused by some other
+/// program does not keep a stale temp file either.
+fn temp_in_use(pid: i32, path: &Path) -> bool {
+    if pid == std::process::id() as i32 {
+        let written = fs::symlink_metadata(path).and_then(|m| m.modified());
+        return match (written, own_start_time()) {
+            // One second of slack: start time has clock-tick granularity.
+            (Ok(w), Some(start)) => w + std::time::Duration::from_secs(1) >= start,
+            _ => true,
+        };
+    }
+    live_writer(pid)
+}
+
 /// True when `pid` is a live cachedriver process (other than us): its temp files may still be
 /// in use. A pid reused by some other program does not keep a stale temp file.
 fn live_writer(pid: i32) -> bool {
@@ -108,7 +141,7 @@ fn live_writer(pid: i32) -> bool {
 }
 
 /// Removes atomic-write temp files (`.NAME.tmp-PID[-COUNTER]`) in `dir` whose writer is gone,
-/// is not a cachedriver process, or is a previous incarnation of us (at startup).
+/// is not a cachedriver process, or is a previous incarnation of us (see [`temp_in_use`]).
 fn remove_stale_temps(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Ok(());
@@ -121,7 +154,7 @@ fn remove_stale_temps(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
         let Some(pid) = temp_writer_pid(&n) else {
             continue;
         };
-        if live_writer(pid) {
+        if temp_in_use(pid, &e.path()) {
             continue;
         }
         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
@@ -452,12 +485,21 @@ mod tests {
             format!(".v.json.tmp-{dead}"),
             format!(".v.json.tmp-{dead}-3"),
             format!(".w.json.tmp-{me}-0"),
+            format!(".u.json.tmp-{me}-1"),
             ".z.json.tmp-1-5".to_string(),
             "v.json".to_string(),
         ];
         for n in &names {
             fs::write(d.path().join(n), b"x").unwrap();
         }
+        // Ours from before we started: a previous incarnation's. Ours since: a write in flight.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(24 * 3600);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(format!(".w.json.tmp-{me}-0")))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         let mut r = RecoveryReport::default();
         remove_stale_temps(d.path(), &mut r).unwrap();
         let mut left: Vec<String> = fs::read_dir(d.path())
@@ -465,7 +507,10 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, vec!["v.json".to_string()]);
+        assert_eq!(
+            left,
+            vec![format!(".u.json.tmp-{me}-1"), "v.json".to_string()]
+        );
         assert_eq!(r.cleaned.len(), 4);
     }
 
@@ -473,5 +518,7 @@ mod tests {
     fn live_cachedriver_writer_detection() {
         assert!(!live_writer(std::process::id() as i32));
         assert!(!live_writer(i32::MAX - 1));
+        let start = own_start_time().expect("start time");
+        assert!(start <= std::time::SystemTime::now());
     }
 }

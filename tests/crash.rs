@@ -109,6 +109,10 @@ enum Op {
 /// never change the latest snapshot.
 const SCOPED: &[(&str, &str)] = &[("fp-p1", "pr1")];
 
+/// Volumes whose view is held until the helper run is killed: phase 2 starts with nobody
+/// using them, so startup recovery ends them.
+const RELEASED_AT_RESTART: &[&str] = &["fp-g1"];
+
 /// A stale volume record (older than `--max-idle`), dropped by the maintenance worker.
 const IDLE_VOLUME: &str = "fp-i1";
 
@@ -151,6 +155,7 @@ fn writes(vol: &str) -> Vec<(&'static str, Option<Vec<u8>>)> {
         ],
         "fp-v1" => vec![("v1.txt", Some(b"v1".to_vec()))],
         "fp-s1" => vec![("s1.txt", Some(b"s1".to_vec()))],
+        "fp-g1" => vec![("g1.txt", Some(b"g1".to_vec()))],
         "fp-p1" => vec![("p1.txt", Some(b"p1".to_vec()))],
         _ => vec![],
     }
@@ -208,6 +213,11 @@ fn script() -> Vec<Op> {
         Mount("fp-s1", "c12"),
         Write("fp-s1"),
         Hold("fp-s1"),
+        // Held through the helper run, released before phase 2: startup recovery ends it.
+        Create("fp-g1", Mode::Merge),
+        Mount("fp-g1", "c14"),
+        Write("fp-g1"),
+        Hold("fp-g1"),
         Mount("fp-o1", "c7"),
         Write("fp-o1"),
         Hold("fp-o1"),
@@ -216,6 +226,7 @@ fn script() -> Vec<Op> {
         KillAndCutCommit("fp-x1", "c8"),
         // s1's container is gone without an Unmount: the sweep (every second) ends it.
         WaitRecovery,
+        Unmount("fp-g1", "c14"),
         Release("fp-s1"),
         Sleep(2500),
         Unmount("fp-s1", "c12"),
@@ -238,6 +249,7 @@ fn script() -> Vec<Op> {
         Remove("fp-e1"),
         Remove("fp-v1"),
         Remove("fp-s1"),
+        Remove("fp-g1"),
         Remove("fp-p1"),
         Remove(IDLE_VOLUME),
         // Last: the whole cache dropped.
@@ -652,6 +664,9 @@ fn run_one(env: &Env, fp: &str, target: &Target) -> RunResult {
                     Err(e) => res.failures.push(format!("scenario: helper start: {e}")),
                 }
                 p.kill9();
+                for v in RELEASED_AT_RESTART {
+                    holds.remove(v);
+                }
                 if let Err(e) = plant_leftovers(&p.root) {
                     res.failures
                         .push(format!("scenario: planting crash leftovers: {e}"));
@@ -927,7 +942,18 @@ fn check_after_restart(p: &mut Plugin, model: &Model, res: &mut RunResult) {
         )
     };
     if has_cache {
-        match common::SnapshotView::latest(&root, CACHE) {
+        // The worker may collect a layer of a state read a moment ago: retry as check_layers does.
+        let mut view = common::SnapshotView::latest(&root, CACHE);
+        for _ in 0..3 {
+            match &view {
+                Err(e) if e.contains("layer-exists") => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    view = common::SnapshotView::latest(&root, CACHE);
+                }
+                _ => break,
+            }
+        }
+        match view {
             Ok(v) => match common::read_tree(&v.path) {
                 Ok(t) => {
                     let got = common::files_of(&t);
