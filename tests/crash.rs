@@ -20,7 +20,7 @@
 //!
 //! Knobs: `CACHEDRIVER_CRASH_ONLY=NAME[,NAME]` (failpoints to drive), `CACHEDRIVER_CRASH_HITS`
 //! (hits sampled per failpoint and mode, default 6), `CACHEDRIVER_CRASH_JOBS` (parallel runs,
-//! default 3).
+//! default 3), `CACHEDRIVER_CRASH_DUMP=1` (print every run's plugin logs, for debugging).
 #![cfg(feature = "failpoints")]
 
 mod common;
