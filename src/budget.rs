@@ -338,6 +338,37 @@ pub(crate) fn aside_name(dir: &Path, name: &str) -> PathBuf {
         .unwrap_or(base)
 }
 
+/// Moves the cache's `.orphan-*` upper dirs (writes of crashed sessions that recovery has not
+/// committed yet) into `aside` to be deleted with it: dropping a cache drops all its data, and
+/// nothing could commit them once the cache is gone. With no session live (checked by the
+/// caller, under the locks) `upper/<cache>/` holds nothing else.
+fn drop_orphan_uppers(store: &Store, cache: &str, aside: &Path) -> Result<()> {
+    let up = store.root().join("upper").join(cache);
+    let Ok(rd) = fs::read_dir(&up) else {
+        return Ok(());
+    };
+    let mut moved = false;
+    for e in rd {
+        let e = e.ctx("listing upper dirs", &up)?;
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(".orphan-") {
+            continue;
+        }
+        let from = e.path();
+        let to = aside.join(&name);
+        match fs::rename(&from, &to) {
+            Ok(()) => moved = true,
+            // Another filesystem: delete it in place.
+            Err(err) if err.raw_os_error() == Some(libc::EXDEV) => remove_tree(&from)?,
+            Err(err) => return Err(Error::io("moving an orphaned upper dir aside", &from, err)),
+        }
+    }
+    if moved {
+        fsync_dir(&up)?;
+    }
+    Ok(())
+}
+
 /// Drops a whole cache: under its maintenance and cache locks, refuses if a session uses it (or,
 /// with `unused_since`, if it was used after that time), renames `lower/<cache>` to
 /// `lower/.gc-<cache>` (one atomic step: the state and every layer go at once, so a later
@@ -369,6 +400,7 @@ pub fn drop_cache(store: &Store, cache: &str, unused_since: Option<SystemTime>) 
         crate::failpoint!("budget::before_rename");
         fs::rename(&dir, &aside).ctx("moving cache aside for deletion", &dir)?;
         fsync_dir(&lower)?;
+        drop_orphan_uppers(store, cache, &aside)?;
         // Waiters on either lock wake on the moved dir, see the path changed and retry.
         aside
     };

@@ -263,6 +263,8 @@ impl Driver {
                 });
             }
             self.end_session(&mut rec, "volume removed; nobody uses its view")?;
+        } else {
+            self.resolve_stale_upper(&rec)?;
         }
         crate::failpoint!("driver::remove_before_delete");
         self.store.delete_volume(name)?;
@@ -298,11 +300,59 @@ impl Driver {
         Ok(backend.mount(&spec)?.pid)
     }
 
+    /// An upper dir with no session record naming it (a crash between making it and recording
+    /// the session, or a session record lost): resolved at once as recovery resolves
+    /// `.orphan-*` dirs: removed when empty (nothing was ever mounted on it), else committed as
+    /// a merge layer. Called under the cache lock, before the new session picks its snapshot.
+    pub(crate) fn resolve_stale_upper(&self, rec: &VolumeRecord) -> Result<()> {
+        let upper = self.store.upper_dir(&rec.cache, &rec.id);
+        match fs::symlink_metadata(&upper) {
+            Ok(m)
+                if m.is_dir()
+                    && rec.commit.unwrap_or(self.config.commit) == CommitMode::Discard =>
+            {
+                // A discard volume's writes never reach the cache, not even through a crash.
+                remove_tree(&upper)?;
+                tracing::warn!(volume = %rec.name, upper = %upper.display(), "removed a stale upper dir of a discard volume");
+            }
+            Ok(m) if m.is_dir() => {
+                let origin = format!(".orphan-{}-{}", rec.id, now_rfc3339());
+                if self.resolve_orphan_upper(&rec.cache, &upper, &origin)? {
+                    tracing::warn!(volume = %rec.name, upper = %upper.display(), "resolved a stale upper dir no session record names");
+                }
+            }
+            // Not a dir: nothing a container could have written through; prepare_upper moves
+            // it aside.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Saves the record of a session about to be mounted (its own step, for the failpoint).
+    fn record_new_session(&self, rec: &VolumeRecord) -> Result<()> {
+        crate::failpoint!("driver::mount_before_record");
+        self.store.save_volume(rec)
+    }
+
+    /// Removes a fresh upper and work dir of a session that was never recorded: no container
+    /// saw them, so they hold nothing. Errors are logged: the caller reports its own.
+    fn discard_fresh_upper(&self, rec: &VolumeRecord) {
+        for d in [
+            self.store.upper_dir(&rec.cache, &rec.id),
+            self.store.work_dir(&rec.cache, &rec.id),
+        ] {
+            if let Err(e) = remove_tree(&d) {
+                tracing::warn!(dir = %d.display(), error = %e, "could not remove an unused upper/work dir");
+            }
+        }
+    }
+
     /// Makes a fresh upper dir whose root carries the snapshot root's owner, group and mode.
     fn prepare_upper(&self, rec: &VolumeRecord, top: &Path) -> Result<(u32, u32, u32)> {
         let upper = self.store.upper_dir(&rec.cache, &rec.id);
         if fs::symlink_metadata(&upper).is_ok() {
-            // Left by a crash: keep it for recovery rather than losing or reusing it.
+            // Left by a crash and not resolved by resolve_stale_upper (the cache has no state,
+            // or it is not a dir): keep it for recovery rather than losing or reusing it.
             let aside = upper.with_file_name(format!(".orphan-{}-{}", rec.id, now_rfc3339()));
             tracing::warn!(upper = %upper.display(), aside = %aside.display(), "moving a stale upper dir aside");
             fs::rename(&upper, &aside).ctx("moving stale upper dir aside", &upper)?;
@@ -314,10 +364,16 @@ impl Driver {
         let m = fs::symlink_metadata(top).ctx("inspecting snapshot root", top)?;
         let attrs = (m.uid(), m.gid(), m.mode() & 0o7777);
         fs::create_dir(&upper).ctx("creating upper dir", &upper)?;
-        std::os::unix::fs::lchown(&upper, Some(attrs.0), Some(attrs.1))
-            .ctx("setting upper dir owner", &upper)?;
-        fs::set_permissions(&upper, fs::Permissions::from_mode(attrs.2))
-            .ctx("setting upper dir mode", &upper)?;
+        let r = std::os::unix::fs::lchown(&upper, Some(attrs.0), Some(attrs.1))
+            .ctx("setting upper dir owner", &upper)
+            .and_then(|_| {
+                fs::set_permissions(&upper, fs::Permissions::from_mode(attrs.2))
+                    .ctx("setting upper dir mode", &upper)
+            });
+        if let Err(e) = r {
+            self.discard_fresh_upper(rec);
+            return Err(e);
+        }
         Ok(attrs)
     }
 
@@ -387,6 +443,7 @@ impl Driver {
                 return Ok(merged);
             }
         }
+        self.resolve_stale_upper(&rec)?;
         crate::remote::auto::before_session(&self.store, &rec.cache);
         let mut state = self.store.ensure_cache(&rec.cache, self.xattr)?;
         let opts = VolumeOptions::parse(&rec.options)?;
@@ -406,8 +463,20 @@ impl Driver {
         };
         // Record the session before mounting: a crash after the mount leaves a record naming it.
         rec.session = Some(session.clone());
-        crate::failpoint!("driver::mount_before_record");
-        self.store.save_volume(&rec)?;
+        let saved = self.record_new_session(&rec);
+        if let Err(e) = saved {
+            // Unless the record landed after all (an error past the rename), nothing names the
+            // fresh upper: remove it now rather than leave an orphan for recovery.
+            let landed = self
+                .store
+                .load_volume(name)
+                .map(|r| r.is_some_and(|r| r.session.is_some()))
+                .unwrap_or(true);
+            if !landed {
+                self.discard_fresh_upper(&rec);
+            }
+            return Err(e);
+        }
         crate::failpoint!("driver::mount_before_view");
         match self.mount_view(&rec, &session) {
             Ok(pid) => {

@@ -10,6 +10,22 @@ use crate::ls::human;
 use crate::progress::Progress;
 use crate::store::Store;
 
+/// `e` with its chain of causes on one line (`a: b: c`), skipping causes whose text the
+/// outer message already includes.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 fn pick(store: &Store, caches: &[String]) -> anyhow::Result<Vec<String>> {
     if caches.is_empty() {
         return Ok(store.list_caches()?);
@@ -40,8 +56,7 @@ pub fn compact(store: &Store, caches: &[String]) -> anyhow::Result<()> {
             )),
             Ok(None) => p.println(&format!("{c}: nothing to compact")),
             Err(e) => {
-                p.println(&format!("{c}: compaction failed: {e}"));
-                failed.push(c.clone());
+                failed.push(format!("{c}: compaction failed: {}", chain(&e)));
             }
         }
         match gc_cache(store, c, false) {
@@ -52,15 +67,19 @@ pub fn compact(store: &Store, caches: &[String]) -> anyhow::Result<()> {
             )),
             Ok(_) => {}
             Err(e) => {
-                p.println(&format!("{c}: gc failed: {e}"));
-                failed.push(c.clone());
+                failed.push(format!("{c}: gc failed: {}", chain(&e)));
             }
         }
         p.inc();
     }
     p.finish();
     if !failed.is_empty() {
-        bail!("failed on cache(s): {}", failed.join(", "));
+        // One line per cache with its error chain, on stderr through the CLI edge.
+        bail!(
+            "failed on {} cache(s):\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
     }
     Ok(())
 }
@@ -104,8 +123,7 @@ pub fn gc(store: &Store, dry_run: bool, json: bool) -> anyhow::Result<()> {
                 reports.push(g);
             }
             Err(e) => {
-                p.println(&format!("{c}: gc failed: {e}"));
-                failed.push(c.clone());
+                failed.push(format!("{c}: gc failed: {}", chain(&e)));
             }
         }
         p.inc();
@@ -131,7 +149,11 @@ pub fn gc(store: &Store, dry_run: bool, json: bool) -> anyhow::Result<()> {
         );
     }
     if !failed.is_empty() {
-        bail!("gc failed on cache(s): {}", failed.join(", "));
+        bail!(
+            "gc failed on {} cache(s):\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
     }
     Ok(())
 }

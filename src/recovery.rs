@@ -71,34 +71,105 @@ fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-/// Removes `.NAME.tmp-PID` files in `dir` whose writer is gone (or is a previous incarnation
-/// of us, at startup).
+/// The writer's pid of an [`crate::fsutil::atomic_write`] temp file name: `.NAME.tmp-PID` or
+/// `.NAME.tmp-PID-COUNTER`; `None` for any other name.
+fn temp_writer_pid(name: &str) -> Option<i32> {
+    let (_, tail) = name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    let pid = match tail.split_once('-') {
+        Some((pid, seq)) if !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()) => pid,
+        Some(_) => return None,
+        None => tail,
+    };
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
+/// When this process started (`/proc/self/stat` start time after boot, plus boot time).
+fn own_start_time() -> Option<std::time::SystemTime> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; starttime is 22nd.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: u64 = fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(btime * 1000 + ticks * 1000 / hz))
+}
+
+/// True when the temp file `path` of writer `pid` may still be in use: the writer is a live
+/// cachedriver process other than us, or is us and wrote it since we started (startup
+/// recovery runs while requests are already served). Ours from before our start is a previous
+/// incarnation's (the same pid after a restart, as in a container); a pid reused by some other
+/// program does not keep a stale temp file either.
+fn temp_in_use(pid: i32, path: &Path) -> bool {
+    if pid == std::process::id() as i32 {
+        let written = fs::symlink_metadata(path).and_then(|m| m.modified());
+        return match (written, own_start_time()) {
+            // One second of slack: start time has clock-tick granularity.
+            (Ok(w), Some(start)) => w + std::time::Duration::from_secs(1) >= start,
+            _ => true,
+        };
+    }
+    live_writer(pid)
+}
+
+/// True when `pid` is a live cachedriver process (other than us): its temp files may still be
+/// in use. A pid reused by some other program does not keep a stale temp file.
+fn live_writer(pid: i32) -> bool {
+    if pid == std::process::id() as i32 || !pid_alive(pid) {
+        return false;
+    }
+    let ours = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("cachedriver"))
+    };
+    match fs::read_link(format!("/proc/{pid}/exe")) {
+        // `(deleted)` suffix after a rebuild still starts with the binary's name.
+        Ok(exe) => ours(&exe),
+        // Not readable (process exiting, or no /proc): assume the writer is live, the safe side.
+        Err(_) => fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().starts_with("cachedriver"))
+            .unwrap_or(true),
+    }
+}
+
+/// Removes atomic-write temp files (`.NAME.tmp-PID[-COUNTER]`) in `dir` whose writer is gone,
+/// is not a cachedriver process, or is a previous incarnation of us (see [`temp_in_use`]).
 fn remove_stale_temps(dir: &Path, report: &mut RecoveryReport) -> Result<()> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Ok(());
     };
-    let me = std::process::id() as i32;
     let mut removed = false;
     for e in rd.flatten() {
         let Some(n) = e.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        let Some(pid) = n
-            .strip_prefix('.')
-            .and_then(|r| r.rsplit_once(".tmp-"))
-            .and_then(|(_, p)| p.parse::<i32>().ok())
-        else {
+        let Some(pid) = temp_writer_pid(&n) else {
             continue;
         };
-        if pid != me && pid_alive(pid) {
+        if temp_in_use(pid, &e.path()) {
             continue;
         }
         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            crate::failpoint!("recovery::remove_temp");
-            fs::remove_file(e.path()).ctx("removing stale temp file", &e.path())?;
-            tracing::info!(file = %e.path().display(), "removed a stale temp file");
-            report.cleaned.push(e.path().display().to_string());
-            removed = true;
+            // One file that cannot go does not keep the others.
+            let r = remove_stale_temp(&e.path());
+            match r {
+                Ok(()) => {
+                    tracing::info!(file = %e.path().display(), "removed a stale temp file");
+                    report.cleaned.push(e.path().display().to_string());
+                    removed = true;
+                }
+                Err(err) => {
+                    tracing::error!(file = %e.path().display(), error = %err, "could not remove a stale temp file")
+                }
+            }
         }
     }
     if removed {
@@ -113,9 +184,27 @@ impl Driver {
     pub fn recover(&self) -> Result<RecoveryReport> {
         let mut report = RecoveryReport::default();
         crate::failpoint!("recovery::start");
-        remove_stale_temps(&self.store().root().join("volumes"), &mut report)?;
+        if let Err(e) = remove_stale_temps(&self.store().root().join("volumes"), &mut report) {
+            tracing::error!(error = %e, "could not clean up the volume records' temp files");
+        }
         for v in self.store().list_volumes()? {
             if v.session.is_none() {
+                // An upper no record names: a crash between making it and recording the session.
+                let upper = self.store().upper_dir(&v.cache, &v.id);
+                if fs::symlink_metadata(&upper).is_ok() {
+                    let r = self.lock_volume(&v.name).and_then(|(_lock, rec)| {
+                        if rec.session.is_none() {
+                            self.resolve_stale_upper(&rec)?;
+                        }
+                        Ok(())
+                    });
+                    match r {
+                        Ok(()) => report.cleaned.push(upper.display().to_string()),
+                        Err(e) => {
+                            tracing::error!(volume = %v.name, error = %e, "could not resolve a stale upper dir")
+                        }
+                    }
+                }
                 continue;
             }
             match self.recover_one(&v.name) {
@@ -198,42 +287,63 @@ impl Driver {
                 continue;
             }
             let path = e.path();
-            if crate::fsutil::dir_is_empty(&path)? {
-                crate::failpoint!("recovery::remove_orphan");
-                remove_tree(&path)?;
-                tracing::info!(dir = %path.display(), "removed an empty orphaned upper dir");
-                report.cleaned.push(path.display().to_string());
-                continue;
+            match self.resolve_orphan_upper(cache, &path, &n) {
+                Ok(true) => report.cleaned.push(path.display().to_string()),
+                Ok(false) => {}
+                // The next start retries; the other orphans go on.
+                Err(e) => {
+                    tracing::error!(dir = %path.display(), error = %e, "could not resolve an orphaned upper dir")
+                }
             }
-            let Some(mut state) = self.store().load_state(cache)? else {
-                continue;
-            };
-            let parent = state.state.latest.clone();
-            let layer =
-                state.unique_layer_name("orphan", |l| self.store().layer_dir(cache, l).exists());
-            let dest = self.store().layer_dir(cache, &layer);
-            let top = self.store().layer_dir(cache, &parent);
-            // The orphan's root attributes are whatever its dead session gave it; the cache root's
-            // owner/mode should not change because of it.
-            if let Ok(m) = fs::symlink_metadata(&top) {
-                let _ = std::os::unix::fs::lchown(&path, Some(m.uid()), Some(m.gid()));
-                let _ = fs::set_permissions(
-                    &path,
-                    std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777),
-                );
-            }
-            crate::fsutil::syncfs(&path)?;
-            crate::failpoint!("recovery::orphan_before_rename");
-            fs::rename(&path, &dest).ctx("promoting orphaned upper dir to layer", &dest)?;
-            fsync_dir(&self.store().cache_dir(cache))?;
-            fsync_dir(&dir)?;
-            crate::failpoint!("recovery::orphan_before_state");
-            state.push_layer(&layer, &parent, &n);
-            self.store().save_state(cache, &state)?;
-            tracing::warn!(dir = %path.display(), layer, parent, "committed an orphaned upper dir as a merge layer");
-            report.cleaned.push(path.display().to_string());
         }
         Ok(())
+    }
+
+    /// Resolves an upper dir that no session record names (`.orphan-*`, or a stale upper a
+    /// Mount found): an empty one is removed; one holding entries is committed as a merge layer
+    /// on the cache's latest snapshot, its writes kept as a `local` volume would keep them.
+    /// `origin` is recorded as the layer's session. Returns false when it was left in place
+    /// (the cache has no state yet). The caller holds the cache lock.
+    pub(crate) fn resolve_orphan_upper(
+        &self,
+        cache: &str,
+        path: &Path,
+        origin: &str,
+    ) -> Result<bool> {
+        let dir = self.store().root().join("upper").join(cache);
+        if crate::fsutil::dir_is_empty(path)? {
+            crate::failpoint!("recovery::remove_orphan");
+            remove_tree(path)?;
+            tracing::info!(dir = %path.display(), "removed an empty orphaned upper dir");
+            return Ok(true);
+        }
+        let Some(mut state) = self.store().load_state(cache)? else {
+            return Ok(false);
+        };
+        let parent = state.state.latest.clone();
+        let layer =
+            state.unique_layer_name("orphan", |l| self.store().layer_dir(cache, l).exists());
+        let dest = self.store().layer_dir(cache, &layer);
+        let top = self.store().layer_dir(cache, &parent);
+        // The orphan's root attributes are whatever its dead session gave it; the cache root's
+        // owner/mode should not change because of it.
+        if let Ok(m) = fs::symlink_metadata(&top) {
+            let _ = std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid()));
+            let _ = fs::set_permissions(
+                path,
+                std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777),
+            );
+        }
+        crate::fsutil::syncfs(path)?;
+        crate::failpoint!("recovery::orphan_before_rename");
+        fs::rename(path, &dest).ctx("promoting orphaned upper dir to layer", &dest)?;
+        fsync_dir(&self.store().cache_dir(cache))?;
+        fsync_dir(&dir)?;
+        crate::failpoint!("recovery::orphan_before_state");
+        state.push_layer(&layer, &parent, origin);
+        self.store().save_state(cache, &state)?;
+        tracing::warn!(dir = %path.display(), layer, parent, "committed an orphaned upper dir as a merge layer");
+        Ok(true)
     }
 
     /// Ends every session nobody uses (the periodic sweep). Skips caches that are busy and
@@ -336,4 +446,82 @@ enum Recovered {
     Kept(String),
     Ended,
     Finished,
+}
+
+/// Removes one stale temp file (its own step, for the failpoint).
+fn remove_stale_temp(path: &std::path::Path) -> Result<()> {
+    crate::failpoint!("recovery::remove_temp");
+    fs::remove_file(path).ctx("removing stale temp file", path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_old_and_new_forms() {
+        assert_eq!(temp_writer_pid(".fp-r1.json.tmp-13879"), Some(13879));
+        assert_eq!(temp_writer_pid(".fp-r1.json.tmp-13879-0"), Some(13879));
+        assert_eq!(temp_writer_pid(".cache-state.json.tmp-42-17"), Some(42));
+        for bad in [
+            "fp-r1.json.tmp-1",
+            ".fp-r1.json",
+            ".x.tmp-",
+            ".x.tmp-12-",
+            ".x.tmp-12-a",
+            ".x.tmp--3",
+            ".x.tmp-0",
+            ".x.tmp-1-2-3",
+        ] {
+            assert_eq!(temp_writer_pid(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stale_temps_removed_live_writer_kept() {
+        let d = tempfile::tempdir().unwrap();
+        // A dead pid: the highest possible pid is never live in practice.
+        let dead = i32::MAX - 1;
+        let me = std::process::id();
+        // pid 1 is alive but is not cachedriver: its "temp" is stale too.
+        let names = [
+            format!(".v.json.tmp-{dead}"),
+            format!(".v.json.tmp-{dead}-3"),
+            format!(".w.json.tmp-{me}-0"),
+            format!(".u.json.tmp-{me}-1"),
+            ".z.json.tmp-1-5".to_string(),
+            "v.json".to_string(),
+        ];
+        for n in &names {
+            fs::write(d.path().join(n), b"x").unwrap();
+        }
+        // Ours from before we started: a previous incarnation's. Ours since: a write in flight.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(24 * 3600);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(format!(".w.json.tmp-{me}-0")))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let mut r = RecoveryReport::default();
+        remove_stale_temps(d.path(), &mut r).unwrap();
+        let mut left: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![format!(".u.json.tmp-{me}-1"), "v.json".to_string()]
+        );
+        assert_eq!(r.cleaned.len(), 4);
+    }
+
+    #[test]
+    fn live_cachedriver_writer_detection() {
+        assert!(!live_writer(std::process::id() as i32));
+        assert!(!live_writer(i32::MAX - 1));
+        let start = own_start_time().expect("start time");
+        assert!(start <= std::time::SystemTime::now());
+    }
 }
