@@ -7,6 +7,10 @@
 //! failure. `AGING_SESSIONS` sets the length of the long test (default 1000; under 600, which is
 //! past the kernel's 500-layer limit, only outside CI and with a loud note).
 
+#[path = "support/driver_fixture.rs"]
+mod driver_fixture;
+
+use driver_fixture::{exe, strict};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,43 +27,9 @@ use cachedriver::protocol::{self, Endpoint};
 use cachedriver::store::{Session, Store, VolumeRecord};
 use serde_json::{json, Value};
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
 /// Backends usable here; loud (or fatal under CI) about the ones that are not.
 fn backends() -> Vec<BackendKind> {
-    if !nix::unistd::geteuid().is_root() {
-        let msg = "aging: SKIPPED: these tests mount overlays and need root";
-        assert!(!strict(), "{msg} (CI requires them)");
-        eprintln!("\n*** {msg} ***\n");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    for (kind, r) in [
-        (BackendKind::Kernel, &report.kernel),
-        (BackendKind::Fuse, &report.fuse),
-    ] {
-        match r {
-            Ok(()) => out.push(kind),
-            Err(e) => {
-                assert!(
-                    !strict(),
-                    "{} backend unavailable under CI: {e}",
-                    kind.as_str()
-                );
-                eprintln!("\n*** aging: {} backend SKIPPED: {e} ***\n", kind.as_str());
-            }
-        }
-    }
-    out
+    driver_fixture::backends("aging")
 }
 
 /// A driver over a temp root, driven through the protocol; unmounts what is left on drop.

@@ -5,6 +5,10 @@
 //! Without root or without a backend the tests say so loudly, and under `CI=true` or
 //! `CACHEDRIVER_REQUIRE_ALL=1` that is a failure, not a skip.
 
+#[path = "support/driver_fixture.rs"]
+mod driver_fixture;
+
+use driver_fixture::{exe, strict};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
@@ -22,41 +26,9 @@ use cachedriver::state::{CacheState, XattrNs};
 use cachedriver::store::Store;
 use proptest::prelude::*;
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
 /// Backends usable here; loud (or fatal under CI) about the ones that are not.
 fn backends() -> Vec<BackendKind> {
-    if !nix::unistd::geteuid().is_root() {
-        let msg = "compact: SKIPPED: these tests mount overlays and need root";
-        assert!(!strict(), "{msg} (CI requires them)");
-        eprintln!("\n*** {msg} ***\n");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    match &report.kernel {
-        Ok(()) => out.push(BackendKind::Kernel),
-        Err(e) => {
-            assert!(!strict(), "kernel backend unavailable under CI: {e}");
-            eprintln!("\n*** compact: kernel backend SKIPPED: {e} ***\n");
-        }
-    }
-    match &report.fuse {
-        Ok(()) => out.push(BackendKind::Fuse),
-        Err(e) => {
-            assert!(!strict(), "fuse backend unavailable under CI: {e}");
-            eprintln!("\n*** compact: fuse backend SKIPPED: {e} ***\n");
-        }
-    }
-    out
+    driver_fixture::backends("compact")
 }
 
 fn xattr_ns() -> XattrNs {

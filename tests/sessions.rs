@@ -8,6 +8,10 @@
 //! Without root or a backend the tests say so loudly; under `CI=true` or
 //! `CACHEDRIVER_REQUIRE_ALL=1` that is a failure.
 
+#[path = "support/driver_fixture.rs"]
+mod driver_fixture;
+
+use driver_fixture::exe;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -22,45 +26,9 @@ use cachedriver::names::CommitMode;
 use cachedriver::protocol::{self, Endpoint};
 use cachedriver::store::{Store, VolumeRecord};
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
+/// Backends usable here; loud (or fatal under CI) about the ones that are not.
 fn backends() -> Vec<BackendKind> {
-    if !nix::unistd::geteuid().is_root() {
-        let msg = "sessions: SKIPPED: these tests mount overlays and need root";
-        assert!(!strict(), "{msg} (CI requires them)");
-        eprintln!("\n*** {msg} ***\n");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    for (kind, r) in [
-        (BackendKind::Kernel, &report.kernel),
-        (BackendKind::Fuse, &report.fuse),
-    ] {
-        match r {
-            Ok(()) => out.push(kind),
-            Err(e) => {
-                assert!(
-                    !strict(),
-                    "{} backend unavailable under CI: {e}",
-                    kind.as_str()
-                );
-                eprintln!(
-                    "\n*** sessions: {} backend SKIPPED: {e} ***\n",
-                    kind.as_str()
-                );
-            }
-        }
-    }
-    out
+    driver_fixture::backends("sessions")
 }
 
 /// A driver over a temp root with no orphan grace (tests decide who uses a view); unmounts
