@@ -4,6 +4,10 @@
 //! through our own binary). Without root or without a backend the tests say so loudly, and under
 //! `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` that is a failure, not a skip.
 
+#[path = "support/driver_fixture.rs"]
+mod driver_fixture;
+
+use driver_fixture::{exe, Holder};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,41 +19,9 @@ use cachedriver::names::CommitMode;
 use cachedriver::protocol::{self, Endpoint};
 use cachedriver::store::Store;
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
 /// Backends usable here; loud (or fatal under CI) about the ones that are not.
 fn backends() -> Vec<BackendKind> {
-    if !nix::unistd::geteuid().is_root() {
-        let msg = "store_commit: SKIPPED: these tests mount overlays and need root";
-        assert!(!strict(), "{msg} (CI requires them)");
-        eprintln!("\n*** {msg} ***\n");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    match &report.kernel {
-        Ok(()) => out.push(BackendKind::Kernel),
-        Err(e) => {
-            assert!(!strict(), "kernel backend unavailable under CI: {e}");
-            eprintln!("\n*** store_commit: kernel backend SKIPPED: {e} ***\n");
-        }
-    }
-    match &report.fuse {
-        Ok(()) => out.push(BackendKind::Fuse),
-        Err(e) => {
-            assert!(!strict(), "fuse backend unavailable under CI: {e}");
-            eprintln!("\n*** store_commit: fuse backend SKIPPED: {e} ***\n");
-        }
-    }
-    out
+    driver_fixture::backends("store_commit")
 }
 
 /// A driver over a temp root; unmounts anything left under it on drop.
@@ -141,29 +113,6 @@ impl Drop for Fixture {
                 let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
             }
         }
-    }
-}
-
-/// A stand-in for a running container: a child process whose cwd is in the view (the plugin's
-/// own process never counts as a user of a view). Killed on drop.
-struct Holder(std::process::Child);
-
-impl Holder {
-    fn new(view: &Path) -> Self {
-        Holder(
-            std::process::Command::new("sleep")
-                .arg("600")
-                .current_dir(view)
-                .spawn()
-                .expect("spawning sleep"),
-        )
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
