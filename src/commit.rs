@@ -116,14 +116,15 @@ pub fn commit(store: &Store, rec: &mut VolumeRecord, mode: CommitMode) -> Result
     crate::failpoint!("commit::start");
     let outcome = if mode == CommitMode::Discard {
         crate::failpoint!("commit::before_discard");
-        remove_tree(&upper)?;
+        discard_upper(store, &rec.cache, &rec.id)?;
         Outcome::Discarded
-    } else if !upper.exists() {
-        return Err(Error::Corrupt(format!(
-            "session {} has no upper dir {}",
-            rec.name,
-            upper.display()
-        )));
+    } else if fs::symlink_metadata(&upper).is_err() {
+        // Record names a session but its upper is gone: an end cut short after the upper was
+        // removed (empty or discarded) and before the record was cleared. Nothing is left to
+        // commit; failing here would refuse every later Mount and Remove of the volume.
+        tracing::warn!(volume = %rec.name, upper = %upper.display(),
+            "the session's upper dir is already gone (an end cut short after removing it): nothing to commit");
+        Outcome::Empty
     } else if upper_unchanged(&upper, &session)? {
         crate::failpoint!("commit::before_remove_empty");
         remove_tree(&upper)?;
@@ -172,6 +173,30 @@ pub fn commit(store: &Store, rec: &mut VolumeRecord, mode: CommitMode) -> Result
     Ok(outcome)
 }
 
+/// Prefix of a discarded upper moved aside (`upper/<cache>/.discard-<id>`) before it is deleted,
+/// so a crash mid-delete never leaves a half-deleted tree under the session's own name for a
+/// later end (whose `commit-on` decision may differ) to commit. Startup recovery removes them.
+pub const DISCARD_PREFIX: &str = ".discard-";
+
+/// Throws a session's upper dir away: renamed aside first (atomic), then deleted.
+fn discard_upper(store: &Store, cache: &str, id: &str) -> Result<()> {
+    let upper = store.upper_dir(cache, id);
+    let aside = store.upper_dir(cache, &format!("{DISCARD_PREFIX}{id}"));
+    // A leftover of an earlier attempt at the same name goes first.
+    remove_tree(&aside)?;
+    match fs::rename(&upper, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx("moving a discarded upper dir aside", &upper),
+    }
+    if let Some(p) = upper.parent() {
+        fsync_dir(p)?;
+    }
+    crate::failpoint!("commit::discard_before_delete");
+    remove_tree(&aside)?;
+    Ok(())
+}
+
 /// Finishes a commit cut short by a crash: `rec.session.committing` names the layer the upper
 /// was being renamed to. Returns `None` when the rename never happened (the upper is still in
 /// place: `committing` is cleared and the session is ended like any other), else the outcome,
@@ -195,7 +220,12 @@ pub fn finish(store: &Store, rec: &mut VolumeRecord, mode: CommitMode) -> Result
         return Ok(None);
     }
     let mut state = load_state(store, &rec.cache)?;
-    if state.layers.contains_key(&layer) || state.roots().contains(&layer.as_str()) {
+    // Named, or already flattened into a compacted layer: the commit completed before the crash.
+    // (Compaction waits for unsettled commits, see `compact::switch`; this is the second guard.)
+    if state.layers.contains_key(&layer)
+        || state.roots().contains(&layer.as_str())
+        || state.compacted_into(&layer).is_some()
+    {
         tracing::info!(volume = %rec.name, layer, "commit cut short after its state write: already complete");
         let parent = state
             .layers

@@ -239,6 +239,16 @@ fn switch(
         );
         return Ok(None);
     }
+    // A commit a crash cut short names its layer only in its volume record until recovery
+    // settles it; flattening that layer away first would make recovery commit it a second time.
+    if let Some(v) = unsettled_commit(store, cache, range)? {
+        tracing::info!(
+            cache,
+            volume = %v,
+            "a commit cut short by a crash is not settled yet; compaction waits for recovery"
+        );
+        return Ok(None);
+    }
     let name = st.unique_layer_name(base_name, |n| store.layer_dir(cache, n).exists());
     let dest = store.layer_dir(cache, &name);
     fs::rename(tmp, &dest).ctx("renaming compacted layer into place", &dest)?;
@@ -253,6 +263,16 @@ fn switch(
     crate::failpoint!("compact::after_state");
     let depth_after = st.chain(root).map(|c| c.len()).unwrap_or(0);
     Ok(Some((name, depth_after)))
+}
+
+/// The volume of `cache` whose session is still `committing` one of `range` (a commit whose
+/// record a crash left for recovery to settle), if any.
+fn unsettled_commit(store: &Store, cache: &str, range: &[String]) -> Result<Option<String>> {
+    Ok(store.list_volumes()?.into_iter().find_map(|v| {
+        let s = v.session.as_ref()?;
+        let layer = s.committing.as_ref()?;
+        (v.cache == cache && range.contains(layer)).then(|| v.name.clone())
+    }))
 }
 
 /// Records the new layer in the state and writes it.

@@ -11,7 +11,8 @@
 //! process is gone) are removed, and `upper/<cache>/.orphan-*` dirs (an upper that a Mount found
 //! without a session record, moved aside rather than lost) are resolved: an empty one is removed,
 //! one holding files is committed as a merge layer on the cache's latest snapshot (its writes
-//! survive, as they would on a `local` volume), both logged.
+//! survive, as they would on a `local` volume), both logged; `.discard-*` dirs (a discarded
+//! upper whose delete was cut short) are deleted.
 //!
 //! Nothing here looks inside a view: liveness comes from `/proc` only, so a hung FUSE server
 //! cannot block startup (its unmount aborts the connection; a server that does not exit is
@@ -283,10 +284,21 @@ impl Driver {
             let Some(n) = e.file_name().to_str().map(str::to_string) else {
                 continue;
             };
+            let path = e.path();
+            if n.starts_with(crate::commit::DISCARD_PREFIX) {
+                // A discarded upper whose delete a crash cut short: finish deleting it.
+                crate::failpoint!("recovery::remove_discarded");
+                match remove_tree(&path) {
+                    Ok(()) => report.cleaned.push(path.display().to_string()),
+                    Err(e) => {
+                        tracing::error!(dir = %path.display(), error = %e, "could not remove a discarded upper dir")
+                    }
+                }
+                continue;
+            }
             if !n.starts_with(".orphan-") || !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 continue;
             }
-            let path = e.path();
             match self.resolve_orphan_upper(cache, &path, &n) {
                 Ok(true) => report.cleaned.push(path.display().to_string()),
                 Ok(false) => {}

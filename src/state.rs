@@ -249,6 +249,16 @@ impl CacheState {
         self.format = FORMAT;
     }
 
+    /// The compacted layer whose `compacted_from` lists `layer`, if compaction flattened it.
+    pub fn compacted_into(&self, layer: &str) -> Option<&str> {
+        self.layers.iter().find_map(|(name, info)| {
+            info.ext("compacted_from")
+                .and_then(|v| v.as_array())
+                .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(layer)))
+                .then_some(name.as_str())
+        })
+    }
+
     /// Records `name`, a bottom layer made by compaction from `from` (bottom-up), and makes it
     /// the parent of `above` in place of the layers it replaces.
     pub fn record_compacted(&mut self, name: &str, from: &[String], above: &str) {

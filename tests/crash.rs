@@ -258,7 +258,7 @@ fn script() -> Vec<Op> {
 }
 
 /// What a kill -9 at the worst moment leaves, planted while the plugin is down: an orphan
-/// upper holding a file and an empty one, atomic-write temp files of dead writers (old and new
+/// upper holding a file and an empty one, a discarded upper half deleted, atomic-write temp files of dead writers (old and new
 /// name forms; pid 1 is alive but not ours), and the idle volume record made old.
 fn plant_leftovers(root: &Path) -> std::io::Result<()> {
     let up = root.join("upper").join(CACHE);
@@ -266,6 +266,9 @@ fn plant_leftovers(root: &Path) -> std::io::Result<()> {
     fs::create_dir_all(&full)?;
     fs::write(full.join(ORPHAN_FILE.0), ORPHAN_FILE.1)?;
     fs::create_dir_all(up.join(".orphan-planted-2-2026-01-01T00:00:00Z"))?;
+    // A discarded upper whose delete was cut short: never committed, removed.
+    fs::create_dir_all(up.join(".discard-planted/sub"))?;
+    fs::write(up.join(".discard-planted/sub/gone.txt"), b"no")?;
     let vols = root.join("volumes");
     fs::write(vols.join(".fp-o1.json.tmp-4194302-0"), b"{")?;
     fs::write(vols.join(".fp-o1.json.tmp-1-3"), b"{")?;
