@@ -147,6 +147,25 @@ impl Driver {
             .is_some_and(|t| t.elapsed() < self.orphan_grace)
     }
 
+    /// [`Driver::recently_mounted`], and for a session mounted before this process started
+    /// (nothing in memory), its record written within the grace: a plugin restart between a
+    /// Mount reply and the engine's bind mount must not end that session at startup or in the
+    /// first sweep.
+    pub(crate) fn within_orphan_grace(&self, name: &str) -> bool {
+        let seen = self
+            .last_mount
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).copied());
+        match seen {
+            Some(t) => t.elapsed() < self.orphan_grace,
+            None => self
+                .store
+                .volume_saved_ago(name)
+                .is_some_and(|ago| ago < self.orphan_grace),
+        }
+    }
+
     fn counted_before_activate(&self, name: &str, id: &str) -> bool {
         let g = self.generation.load(Ordering::SeqCst);
         self.counted_in

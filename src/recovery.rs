@@ -255,6 +255,13 @@ impl Driver {
         if users.in_use() {
             return Ok(Some(Recovered::Kept(users.describe())));
         }
+        if !s.mounts.is_empty() && self.within_orphan_grace(name) {
+            // Mounted moments before the restart: its container may not have the view yet.
+            // The sweep ends it once the grace has passed if nobody took it.
+            return Ok(Some(Recovered::Kept(
+                "nobody yet, but mounted within the orphan grace".into(),
+            )));
+        }
         crate::failpoint!("recovery::before_end");
         let why = if users.mounted {
             "recovery: view mounted but nobody uses it"
@@ -381,7 +388,7 @@ impl Driver {
                 };
                 // A fresh Mount's container may not have the view yet; a session with no
                 // counts left has no Mount in flight.
-                if !s.mounts.is_empty() && self.recently_mounted(&v.name) {
+                if !s.mounts.is_empty() && self.within_orphan_grace(&v.name) {
                     return Ok(false);
                 }
                 if self.users_of(&rec).in_use() {

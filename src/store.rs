@@ -311,6 +311,12 @@ impl Store {
         Ok(out)
     }
 
+    /// How long ago the volume's record was last written (every Mount writes it), if it exists.
+    pub fn volume_saved_ago(&self, name: &str) -> Option<std::time::Duration> {
+        let m = fs::metadata(self.volume_path(name)).ok()?.modified().ok()?;
+        Some(m.elapsed().unwrap_or_default())
+    }
+
     /// A volume's record, or `None`.
     pub fn load_volume(&self, name: &str) -> Result<Option<VolumeRecord>> {
         validate_volume(name)?;

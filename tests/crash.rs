@@ -273,13 +273,17 @@ fn plant_leftovers(root: &Path) -> std::io::Result<()> {
     fs::write(vols.join(".fp-o1.json.tmp-4194302-0"), b"{")?;
     fs::write(vols.join(".fp-o1.json.tmp-1-3"), b"{")?;
     fs::write(vols.join(".fp-x1.json.tmp-4194302"), b"{")?;
-    let rec = vols.join(format!("{IDLE_VOLUME}.json"));
-    if rec.exists() {
-        let old = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&rec)?
-            .set_modified(old)?;
+    // The idle record, and the sessions released at the restart: mounted long ago (outside the
+    // orphan grace, which keeps a session mounted moments before a restart), container gone.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
+    for v in std::iter::once(&IDLE_VOLUME).chain(RELEASED_AT_RESTART) {
+        let rec = vols.join(format!("{v}.json"));
+        if rec.exists() {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&rec)?
+                .set_modified(old)?;
+        }
     }
     Ok(())
 }

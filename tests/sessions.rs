@@ -53,7 +53,17 @@ impl Fixture {
     }
 
     fn driver_at(root: &Path, kind: BackendKind, mode: CommitMode) -> Driver {
-        Driver::new(
+        Self::driver_with_grace(root, kind, mode, Duration::ZERO)
+    }
+
+    /// A driver after startup recovery, as `serve` makes it: the grace is set before recovery.
+    fn driver_with_grace(
+        root: &Path,
+        kind: BackendKind,
+        mode: CommitMode,
+        grace: Duration,
+    ) -> Driver {
+        let d = Driver::open(
             Store::open(root).expect("store"),
             Config {
                 backend: kind,
@@ -61,8 +71,9 @@ impl Fixture {
                 exe: exe(),
             },
         )
-        .expect("driver")
-        .with_orphan_grace(Duration::ZERO)
+        .with_orphan_grace(grace);
+        d.recover().expect("startup recovery");
+        d
     }
 
     /// A new plugin process on the same root: startup recovery runs.
@@ -260,10 +271,12 @@ fn engine_restart_resets_a_counted_id() {
     each(CommitMode::Replace, |fx| {
         // After a new Plugin.Activate, a Mount of an ID still counted from before resets it,
         // even while the view is in use (the orphan grace keeps the unused-view rule out).
-        let d = Arc::new(
-            Fixture::driver_at(fx.root(), fx.kind, fx.mode)
-                .with_orphan_grace(Duration::from_secs(600)),
-        );
+        let d = Arc::new(Fixture::driver_with_grace(
+            fx.root(),
+            fx.kind,
+            fx.mode,
+            Duration::from_secs(600),
+        ));
         fx.driver = d.clone();
         fx.create("rs-x", &[]);
         protocol::handle(&d, Endpoint::Activate, b"");
@@ -404,6 +417,44 @@ fn unused_sessions_end_at_mount_remove_sweep_and_startup() {
             fx.driver.remove("ou-d").unwrap();
         });
     }
+}
+
+#[test]
+fn a_session_mounted_just_before_a_restart_survives_startup_within_the_grace() {
+    each(CommitMode::Merge, |fx| {
+        // The plugin restarts between its Mount reply and the engine's bind mount: nobody uses
+        // the view yet, but the record was written moments ago.
+        fx.create("og-a", &[]);
+        let m = fx.mount("og-a", "c1");
+        fs::write(m.join("fg"), "g").unwrap();
+        let grace = Duration::from_secs(3);
+        let start = Instant::now();
+        fx.driver = Arc::new(Fixture::driver_with_grace(
+            fx.root(),
+            fx.kind,
+            fx.mode,
+            grace,
+        ));
+        assert!(
+            fx.record("og-a").session.is_some(),
+            "startup recovery must keep a session mounted within the orphan grace"
+        );
+        if start.elapsed() < grace {
+            assert_eq!(
+                fx.driver.sweep(),
+                Some(0),
+                "the sweep keeps it within the grace"
+            );
+        }
+        std::thread::sleep(grace.saturating_sub(start.elapsed()) + Duration::from_millis(200));
+        assert_eq!(
+            fx.driver.sweep(),
+            Some(1),
+            "after the grace the sweep ends it"
+        );
+        check_committed(fx, "og", "a", "fg");
+        assert!(!fx.is_mounted(&m));
+    });
 }
 
 #[test]
