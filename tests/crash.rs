@@ -113,6 +113,10 @@ const SCOPED: &[(&str, &str)] = &[("fp-p1", "pr1")];
 /// using them, so startup recovery ends them.
 const RELEASED_AT_RESTART: &[&str] = &["fp-g1"];
 
+/// Sessions the scenario treats as mounted long before the restart (their records are planted
+/// old): startup recovery (fp-g1) and the sweep (fp-s1) end them once nobody uses them.
+const MOUNTED_LONG_AGO: &[&str] = &["fp-g1", "fp-s1"];
+
 /// A stale volume record (older than `--max-idle`), dropped by the maintenance worker.
 const IDLE_VOLUME: &str = "fp-i1";
 
@@ -273,10 +277,10 @@ fn plant_leftovers(root: &Path) -> std::io::Result<()> {
     fs::write(vols.join(".fp-o1.json.tmp-4194302-0"), b"{")?;
     fs::write(vols.join(".fp-o1.json.tmp-1-3"), b"{")?;
     fs::write(vols.join(".fp-x1.json.tmp-4194302"), b"{")?;
-    // The idle record, and the sessions released at the restart: mounted long ago (outside the
-    // orphan grace, which keeps a session mounted moments before a restart), container gone.
+    // The idle record, and sessions whose containers go away around the restart: mounted long
+    // ago (outside the orphan grace, which keeps a session mounted moments before a restart).
     let old = std::time::SystemTime::now() - Duration::from_secs(3 * 3600);
-    for v in std::iter::once(&IDLE_VOLUME).chain(RELEASED_AT_RESTART) {
+    for v in std::iter::once(&IDLE_VOLUME).chain(MOUNTED_LONG_AGO) {
         let rec = vols.join(format!("{v}.json"));
         if rec.exists() {
             fs::OpenOptions::new()
