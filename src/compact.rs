@@ -27,11 +27,12 @@
 //! complete layer dir that no state names (for GC).
 
 mod flatten;
-pub(crate) mod sys;
 
 use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use cachedriver_common::at;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{fsync_dir, remove_tree};
@@ -281,7 +282,7 @@ fn build(tmp: &std::path::Path, layers: &[(String, PathBuf)]) -> Result<flatten:
     let stats = flatten::flatten(layers, tmp)?;
     crate::failpoint!("compact::after_flatten");
     let f = fs::File::open(tmp).ctx("opening compacted layer", tmp)?;
-    sys::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).ctx("syncfs", tmp)?;
+    at::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).ctx("syncfs", tmp)?;
     crate::failpoint!("compact::after_syncfs");
     Ok(stats)
 }

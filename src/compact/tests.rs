@@ -536,16 +536,16 @@ fn depth_bound_keeps_the_top_half() {
 /// Makes `depth` nested dirs named `d` under `root` through dir fds (the path is far beyond
 /// PATH_MAX), with a file at the bottom.
 fn make_deep(root: &Path, depth: usize) {
-    let mut fd = sys::open_dir_at(
+    let mut fd = at::open_dir_at(
         libc::AT_FDCWD,
         &CString::new(root.as_os_str().as_bytes()).unwrap(),
     )
     .unwrap();
     for _ in 0..depth {
-        sys::mkdir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d", 0o755).unwrap();
-        fd = sys::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d").unwrap();
+        at::mkdirat(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d", 0o755).unwrap();
+        fd = at::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d").unwrap();
     }
-    let f = sys::open_file_at(
+    let f = at::openat(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         c"bottom",
         libc::O_CREAT | libc::O_WRONLY,
@@ -556,17 +556,17 @@ fn make_deep(root: &Path, depth: usize) {
 }
 
 fn deep_len(root: &Path) -> (usize, bool) {
-    let mut fd = sys::open_dir_at(
+    let mut fd = at::open_dir_at(
         libc::AT_FDCWD,
         &CString::new(root.as_os_str().as_bytes()).unwrap(),
     )
     .unwrap();
     let mut n = 0;
-    while let Ok(next) = sys::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d") {
+    while let Ok(next) = at::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d") {
         fd = next;
         n += 1;
     }
-    let bottom = sys::lstat_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"bottom").is_ok();
+    let bottom = at::fstatat(std::os::fd::AsRawFd::as_raw_fd(&fd), c"bottom").is_ok();
     (n, bottom)
 }
 
