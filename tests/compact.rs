@@ -567,20 +567,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let merged = self.dir.path().join("merged");
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let prefix = merged.to_string_lossy().to_string();
-            let mut points: Vec<String> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            points.sort();
-            points.reverse();
-            for m in points {
-                let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        driver_fixture::unmount_below(&self.dir.path().join("merged"));
     }
 }
 

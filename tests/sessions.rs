@@ -145,19 +145,7 @@ impl Drop for Fixture {
                 }
             }
         }
-        let prefix = self.dir.path().to_string_lossy().to_string();
-        let mut points: Vec<String> = cachedriver::sessions::parse_mountinfo(
-            &fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
-        )
-        .into_iter()
-        .map(|m| m.point)
-        .filter(|m| m.starts_with(&prefix))
-        .collect();
-        points.sort();
-        points.reverse();
-        for m in points {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        driver_fixture::unmount_below(self.dir.path());
     }
 }
 

@@ -131,18 +131,22 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let merged = self.root.join("merged");
-        let prefix = merged.to_string_lossy().to_string();
-        let mut points: Vec<PathBuf> = cachedriver_common::mounts::mount_table()
-            .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| p.to_string_lossy().starts_with(&prefix))
-            .collect();
-        points.sort();
-        points.reverse();
-        for m in points {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-        }
+        unmount_below(&self.root.join("merged"));
+    }
+}
+
+/// Lazily unmounts every mount at or below `dir` in our namespace, deepest first, for drop
+/// guards (errors ignored). A point mounted twice is detached twice.
+pub fn unmount_below(dir: &Path) {
+    let mut points: Vec<PathBuf> = cachedriver_common::mounts::mount_table()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort();
+    points.reverse();
+    for m in points {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
