@@ -31,6 +31,8 @@ mod format;
 mod harness;
 #[path = "conformance/permissions.rs"]
 mod permissions;
+#[path = "support/probe.rs"]
+mod probe;
 #[path = "conformance/reading.rs"]
 mod reading;
 #[path = "conformance/rename.rs"]

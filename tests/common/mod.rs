@@ -15,19 +15,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-// The skip-or-fail probe (strict, skip, exe, is_root, backends) has one home, beside the
-// in-process driver fixture.
-#[path = "../support/driver_fixture.rs"]
-mod driver_fixture;
+// The skip-or-fail probe (strict, skip, exe, is_root, backends) has one home.
+#[path = "../support/probe.rs"]
+mod probe;
 
 // Each test binary uses its own subset.
 #[allow(unused_imports)]
-pub use driver_fixture::{exe, is_root, skip, strict};
+pub use probe::{exe, is_root, skip, strict};
 
 /// The backends that work here, by name (`kernel`, `fuse`), loud (fatal under CI) about the
 /// others.
 pub fn backends(test: &str) -> Vec<&'static str> {
-    driver_fixture::backends(test)
+    probe::backends(test)
         .into_iter()
         .map(|k| k.as_str())
         .collect()

@@ -79,22 +79,13 @@ pub fn overlay_xattr(name: &str) -> String {
     format!("{ns}.overlay.{name}")
 }
 
-fn require_all() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL")
-            .map(|v| v == "1")
-            .unwrap_or(false)
-}
-
 /// Reports a test that cannot run here, loudly. With `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` it fails.
 pub fn skip(test: &str, backend: Backend, why: &str) {
     eprintln!(
         "\n******** SKIPPED {test} [{}]: {why} ********\n",
         backend.name()
     );
-    if require_all() {
+    if crate::probe::strict() {
         panic!("{test} [{}] could not run ({why}) and CI=true / CACHEDRIVER_REQUIRE_ALL=1 forbids skips", backend.name());
     }
 }

@@ -12,48 +12,12 @@ use cachedriver::driver::{Config, Driver};
 use cachedriver::names::CommitMode;
 use cachedriver::store::Store;
 
-/// Whether a test that cannot run must fail instead of skipping.
-pub fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
+#[path = "probe.rs"]
+mod probe;
 
-/// Fails under [`strict`], else says loudly that `what` is skipped and why.
-pub fn skip(what: &str, why: &str) {
-    let msg = format!("{what}: SKIPPED: {why}");
-    assert!(!strict(), "{msg} (required here)");
-    eprintln!("\n*** {msg} ***\n");
-}
-
-/// Our binary (serves FUSE mounts).
-pub fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
-/// Whether we run as root.
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Backends usable here; loud (or fatal under CI) about the ones that are not.
-pub fn backends(test: &str) -> Vec<BackendKind> {
-    if !is_root() {
-        skip(test, "mounting overlays needs root");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    match &report.kernel {
-        Ok(()) => out.push(BackendKind::Kernel),
-        Err(e) => skip(&format!("{test} (kernel backend)"), e),
-    }
-    match &report.fuse {
-        Ok(()) => out.push(BackendKind::Fuse),
-        Err(e) => skip(&format!("{test} (fuse backend)"), e),
-    }
-    out
-}
+// Tests reach the probe through the fixture; each uses its own subset.
+#[allow(unused_imports)]
+pub use probe::{backends, exe, is_root, skip, strict};
 
 /// A driver over `root`; unmounts anything left under `root/merged` on drop.
 pub struct Fixture {
