@@ -2,7 +2,6 @@
 //! lacks what it needs: mount rights, a writable root, a socket directory. This line is what
 //! `docker plugin enable` or the daemon log shows an operator.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 #[path = "support/probe.rs"]
@@ -74,7 +73,7 @@ fn refuses_a_root_that_cannot_be_made_and_an_unwritable_socket_dir() {
 
 #[test]
 fn refuses_without_cap_sys_admin() {
-    if !nix::unistd::geteuid().is_root() || which("setpriv").is_none() {
+    if !nix::unistd::geteuid().is_root() || probe::which("setpriv").is_none() {
         probe::skip(
             "preflight",
             "needs root and setpriv (util-linux) to drop CAP_SYS_ADMIN",
@@ -106,12 +105,4 @@ fn refuses_without_cap_sys_admin() {
         !sock.exists(),
         "no socket may be bound by a server that refused to start"
     );
-}
-
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join(cmd))
-        .find(|p| p.is_file())
 }

@@ -37,7 +37,7 @@ fn missing() -> Option<String> {
         "slirp4netns",
         "nsenter",
     ] {
-        if which(tool).is_none() {
+        if probe::which(tool).is_none() {
             return Some(format!(
                 "{tool} is not installed (scripts/install-deps.sh installs it)"
             ));
@@ -55,15 +55,6 @@ fn skip_or_fail(test: &str) -> bool {
         return true;
     }
     false
-}
-
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| PathBuf::from(d).join(cmd))
-        .find(|p| p.is_file())
 }
 
 fn sh(cmd: &mut Command) -> std::process::Output {

@@ -26,6 +26,17 @@ pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
 }
 
+/// Where `cmd` is installed: the first match on `PATH`, then in `/usr/sbin` and `/sbin` (not
+/// on every user's `PATH`).
+pub fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| PathBuf::from(d).join(cmd))
+        .find(|p| p.is_file())
+}
+
 /// Whether we run as root.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
