@@ -5,7 +5,7 @@
 //! - [`dir`]: a directory's entries through a descriptor, names as bytes.
 //! - [`mounts`]: this namespace's mount table (`/proc/self/mountinfo`).
 //! - [`userns`]: whether we run inside a user namespace.
-//! - [`xattr`]: which xattr namespace overlay markers use.
+//! - [`xattr`]: which xattr namespace overlay markers use, and reading the opaque marker.
 //! - [`tree`]: removing and walking container-written trees without following symlinks, with
 //!   O(1) descriptors and no call recursion.
 //! - [`rlimit`]: raising RLIMIT_NOFILE at startup.

@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use cachedriver_common::at::{self, XattrTarget};
+use cachedriver_common::xattr::has_opaque_xattr;
 use cachedriver_fuse::whiteout::{is_private_xattr, whiteout_target, OPAQUE_FILE, WH_PREFIX};
 
 use crate::error::{Error, Result};
@@ -103,11 +104,8 @@ fn cpath(p: &Path) -> Result<CString> {
 }
 
 fn is_opaque(fd: RawFd) -> io::Result<bool> {
-    let t = XattrTarget::Fd(fd);
-    for x in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-        if t.get(x)?.as_deref() == Some(b"y") {
-            return Ok(true);
-        }
+    if has_opaque_xattr(fd)? {
+        return Ok(true);
     }
     match at::fstatat(fd, &at::cname(OPAQUE_FILE)?) {
         Ok(_) => Ok(true),

@@ -22,6 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use cachedriver_common::at::{self, XattrTarget};
+use cachedriver_common::xattr::has_opaque_xattr;
 use cachedriver_fuse::whiteout::{is_private_xattr, is_whiteout, OPAQUE_FILE, WH_PREFIX};
 use sha2::{Digest, Sha256};
 
@@ -183,16 +184,6 @@ fn user_xattrs(t: &XattrTarget<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-fn is_opaque_dir(fd: RawFd) -> io::Result<bool> {
-    let t = XattrTarget::Fd(fd);
-    for x in cachedriver_common::xattr::OPAQUE_XATTRS {
-        if t.get(x)?.as_deref() == Some(b"y") {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
 fn append_pax<W: Write>(b: &mut tar::Builder<W>, pax: &[(String, Vec<u8>)]) -> io::Result<()> {
     if !pax.is_empty() {
         b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
@@ -256,7 +247,7 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
     append_pax(b, &user_xattrs(&XattrTarget::Fd(root.as_raw_fd()))?)?;
     let mut h = header(&st, tar::EntryType::Directory);
     b.append_data(&mut h, "./", io::empty())?;
-    if is_opaque_dir(root.as_raw_fd())? {
+    if has_opaque_xattr(root.as_raw_fd())? {
         // A bottom layer's root is never opaque in practice; keep the marker if it is.
         let mut h = header(&st, tar::EntryType::Regular);
         h.set_mode(0o644);
@@ -291,7 +282,7 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
                 let mut p = rel.clone();
                 p.push(b'/');
                 b.append_data(&mut h, os_path(&p), io::empty())?;
-                if is_opaque_dir(fd.as_raw_fd())? && stack.len() < MAX_DEPTH {
+                if has_opaque_xattr(fd.as_raw_fd())? && stack.len() < MAX_DEPTH {
                     let mut h = header(&st, tar::EntryType::Regular);
                     h.set_mode(0o644);
                     let mut m = p.clone();
