@@ -130,6 +130,11 @@ impl Holder {
                 .expect("spawning sleep"),
         )
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
 impl Drop for Holder {
