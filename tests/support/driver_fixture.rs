@@ -29,9 +29,24 @@ pub struct Fixture {
     pub kind: BackendKind,
     /// The default commit mode.
     pub mode: CommitMode,
+    /// The temp dir holding `root` when the fixture made it (removed after the unmounts).
+    tmp: Option<tempfile::TempDir>,
 }
 
 impl Fixture {
+    /// A driver on a fresh temp root of its own.
+    pub fn new(kind: BackendKind, mode: CommitMode) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut f = Self::at(tmp.path(), kind, mode);
+        f.tmp = Some(tmp);
+        f
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// A driver on `root` (created if needed).
     pub fn at(root: &Path, kind: BackendKind, mode: CommitMode) -> Self {
         let driver = Self::driver_at(root, kind, mode);
@@ -40,6 +55,7 @@ impl Fixture {
             driver,
             kind,
             mode,
+            tmp: None,
         }
     }
 
