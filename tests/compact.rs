@@ -8,7 +8,7 @@
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
 
-use driver_fixture::{exe, strict};
+use driver_fixture::{exe, strict, Fixture};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use cachedriver::backend::BackendKind;
 use cachedriver::compact::compact_cache;
-use cachedriver::driver::{Config, Driver};
 use cachedriver::names::CommitMode;
 use cachedriver::state::{CacheState, XattrNs};
 use cachedriver::store::Store;
@@ -535,54 +534,26 @@ fn compacted_views_equal_the_old_ones() {
 // ---------------------------------------------------------------------------------------------
 // A session on the old chain.
 
-/// A driver over a temp root; unmounts anything left under it on drop.
-struct Fixture {
-    dir: tempfile::TempDir,
-    driver: Driver,
-}
-
-impl Fixture {
-    fn new(kind: BackendKind) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let driver = Driver::new(
-            store,
-            Config {
-                backend: kind,
-                commit: CommitMode::Merge,
-                exe: exe(),
-            },
-        )
-        .unwrap();
-        Fixture { dir, driver }
-    }
-
-    fn session(&self, name: &str, f: impl FnOnce(&Path)) {
-        self.driver.create(name, &BTreeMap::new()).unwrap();
-        let m = self.driver.mount(name, "id").unwrap();
-        f(&m);
-        self.driver.unmount(name, "id").unwrap();
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        driver_fixture::unmount_below(&self.dir.path().join("merged"));
-    }
+/// A session on `fx`: create `name`, mount it, hand the view to `f`, unmount (and commit).
+fn session(fx: &Fixture, name: &str, f: impl FnOnce(&Path)) {
+    fx.driver.create(name, &BTreeMap::new()).unwrap();
+    let m = fx.driver.mount(name, "id").unwrap();
+    f(&m);
+    fx.driver.unmount(name, "id").unwrap();
 }
 
 #[test]
 fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
     for kind in backends() {
         eprintln!("-- backend {}", kind.as_str());
-        let fx = Fixture::new(kind);
-        fx.session("c-s0", |m| {
+        let fx = Fixture::new(kind, CommitMode::Merge);
+        session(&fx, "c-s0", |m| {
             fs::create_dir(m.join("dir")).unwrap();
             fs::write(m.join("dir/gone"), "old").unwrap();
             fs::write(m.join("kept"), "k0").unwrap();
         });
         for i in 1..6 {
-            fx.session(&format!("c-s{i}"), |m| {
+            session(&fx, &format!("c-s{i}"), |m| {
                 fs::write(m.join(format!("f{i}")), format!("{i}")).unwrap();
                 fs::write(m.join("kept"), format!("k{i}")).unwrap();
                 if i == 3 {
@@ -607,7 +578,7 @@ fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
         fs::write(old.join("from-old"), "x").unwrap();
         fs::write(old.join("kept"), "from old").unwrap();
         // A session started after the compaction sees the same snapshot through the new chain.
-        fx.session("c-new", |m| {
+        session(&fx, "c-new", |m| {
             let (mut a, b) = (dump(m), before.clone());
             // The root's own entry differs only by what the sessions wrote: compare the rest.
             a.0.remove(Path::new(""));
@@ -621,7 +592,7 @@ fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
         let chain = st.latest_chain().unwrap();
         assert_eq!(chain.len(), 4, "old session merged on top: {chain:?}");
         assert!(chain.contains(&r.new_layer));
-        fx.session("c-after", |m| {
+        session(&fx, "c-after", |m| {
             assert_eq!(fs::read_to_string(m.join("kept")).unwrap(), "from old");
             assert_eq!(fs::read_to_string(m.join("from-old")).unwrap(), "x");
             assert_eq!(fs::read_to_string(m.join("from-new")).unwrap(), "y");
