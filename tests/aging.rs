@@ -10,7 +10,7 @@
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
 
-use driver_fixture::{exe, strict};
+use driver_fixture::{durable_state, exe, strict};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -128,29 +128,6 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         driver_fixture::unmount_below(&self.dir.path().join("merged"));
     }
-}
-
-/// Every durable record (names and file contents), to prove a dry run changed nothing. The
-/// maintenance lock file (created empty by the first locker) is not a record.
-fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    for sub in ["volumes", "lower"] {
-        let mut stack = vec![root.join(sub)];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if e.file_type().unwrap().is_dir() {
-                    stack.push(p.clone());
-                    out.push((p, vec![]));
-                } else {
-                    out.push((p.clone(), fs::read(&p).unwrap_or_default()));
-                }
-            }
-        }
-    }
-    out.retain(|(p, _)| !p.ends_with(cachedriver::store::MAINTENANCE_FILE));
-    out.sort();
-    out
 }
 
 fn set_used(store: &Store, cache: &str, ago: Duration) {

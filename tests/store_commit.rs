@@ -7,10 +7,9 @@
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
 
-use driver_fixture::{exe, Fixture, Holder};
+use driver_fixture::{durable_state, exe, Fixture, Holder};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
 use cachedriver::backend::BackendKind;
 use cachedriver::names::CommitMode;
@@ -278,27 +277,6 @@ fn symlinks_in_an_upper_are_committed_not_followed() {
         let listing = cachedriver::ls::render(fx.driver.store()).unwrap();
         assert!(listing.contains("cache sym: latest a"), "{listing}");
     });
-}
-
-/// Snapshot of every durable record, to prove a bad request changed nothing.
-fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    for sub in ["volumes", "lower"] {
-        let mut stack = vec![root.join(sub)];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if e.file_type().unwrap().is_dir() {
-                    stack.push(p.clone());
-                    out.push((p, vec![]));
-                } else {
-                    out.push((p.clone(), fs::read(&p).unwrap_or_default()));
-                }
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -130,6 +130,30 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// Every durable record under a store root (names and file contents, sorted), to prove that a
+/// dry run or a refused request changed nothing. The maintenance lock file (created empty by
+/// the first locker) is not a record.
+pub fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    for sub in ["volumes", "lower"] {
+        let mut stack = vec![root.join(sub)];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(p.clone());
+                    out.push((p, vec![]));
+                } else {
+                    out.push((p.clone(), fs::read(&p).unwrap_or_default()));
+                }
+            }
+        }
+    }
+    out.retain(|(p, _)| !p.ends_with(cachedriver::store::MAINTENANCE_FILE));
+    out.sort();
+    out
+}
+
 /// A stand-in for a running container: a child process whose cwd is in the view (the plugin's
 /// own process never counts as a user of a view, so without one a restart ends the session).
 /// Killed on drop.
