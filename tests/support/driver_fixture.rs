@@ -1,6 +1,8 @@
 //! A driver over a temp root on every backend that works here, for integration tests
-//! (`#[path = "support/driver_fixture.rs"] mod driver_fixture;`). Without root or a backend the
-//! tests say so loudly, and under `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` that is a failure.
+//! (`#[path = "support/driver_fixture.rs"] mod driver_fixture;`), with the helpers around it:
+//! the skip-or-fail probe (re-exported from `probe.rs`: without root or a backend the tests say
+//! so loudly, and under `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` that is a failure), the
+//! unmount-everything drop guard, a stand-in container, and a snapshot of a root's records.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
