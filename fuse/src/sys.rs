@@ -208,15 +208,5 @@ pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs> {
 /// Lists a directory's entries as (name, d_type), skipping `.` and `..`.
 pub use cachedriver_common::dir::list_dir;
 
-/// The current soft RLIMIT_NOFILE.
-pub fn nofile_limit() -> u64 {
-    // SAFETY: rlimit is plain old data.
-    unsafe {
-        let mut rl: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur
-        } else {
-            1024
-        }
-    }
-}
+/// The current soft RLIMIT_NOFILE (1024 if it cannot be read).
+pub use cachedriver_common::rlimit::nofile_soft as nofile_limit;
