@@ -483,11 +483,8 @@ fn copy_entry(
     at::fchownat(ofd, c, st.st_uid, st.st_gid).map_err(|e| (false, e))?;
     copy_xattrs(&XattrTarget::At(sfd, c), &XattrTarget::At(ofd, c))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-        // SAFETY: valid C string; the entry was just made by us and is not a symlink.
-        let r = unsafe { libc::fchmodat(ofd, c.as_ptr(), perm as libc::mode_t, 0) };
-        if r < 0 {
-            return Err((false, io::Error::last_os_error()));
-        }
+        // The entry was just made by us and is not a symlink (fchmodat would follow one).
+        at::fchmodat(ofd, c, perm).map_err(|e| (false, e))?;
     }
     at::utimensat(ofd, c, &at::times(st), libc::AT_SYMLINK_NOFOLLOW).map_err(|e| (false, e))
 }

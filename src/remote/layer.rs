@@ -482,13 +482,8 @@ impl Importer {
                 "layer tar entry {:?} replaces a directory",
                 String::from_utf8_lossy(rel)
             ))),
-            Ok(_) => {
-                // SAFETY: valid C string; unlinkat never follows the name.
-                if unsafe { libc::unlinkat(dfd, name.as_ptr(), 0) } < 0 {
-                    return Err(ioe("replacing", rel)(io::Error::last_os_error()));
-                }
-                Ok(())
-            }
+            // unlinkat never follows the name.
+            Ok(_) => at::unlinkat(dfd, name, 0).map_err(ioe("replacing", rel)),
             Err(_) => Ok(()),
         }
     }
@@ -639,12 +634,8 @@ impl Importer {
                 Self::clear(dfd, &cn, &path)?;
                 at::mknodat(dfd, &cn, libc::S_IFIFO | 0o600, 0).map_err(ioe("mkfifo", &path))?;
                 at::fchownat(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
-                // fchmodat never follows: the fifo is what we just made.
-                let cmode = mode as libc::mode_t;
-                // SAFETY: valid C string.
-                if unsafe { libc::fchmodat(dfd, cn.as_ptr(), cmode, 0) } < 0 {
-                    return Err(ioe("chmod", &path)(io::Error::last_os_error()));
-                }
+                // fchmodat follows a symlink, but the fifo is what we just made.
+                at::fchmodat(dfd, &cn, mode).map_err(ioe("chmod", &path))?;
                 at::utimensat(dfd, &cn, &stat_times(mtime), libc::AT_SYMLINK_NOFOLLOW)
                     .map_err(ioe("utimens", &path))?;
             }
