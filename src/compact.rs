@@ -32,8 +32,6 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cachedriver_common::at;
-
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{fsync_dir, remove_tree};
 use crate::store::Store;
@@ -281,8 +279,7 @@ fn build(tmp: &std::path::Path, layers: &[(String, PathBuf)]) -> Result<flatten:
     let _ = cachedriver_common::rlimit::raise_nofile();
     let stats = flatten::flatten(layers, tmp)?;
     crate::failpoint!("compact::after_flatten");
-    let f = fs::File::open(tmp).ctx("opening compacted layer", tmp)?;
-    at::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).ctx("syncfs", tmp)?;
+    crate::fsutil::syncfs(tmp)?;
     crate::failpoint!("compact::after_syncfs");
     Ok(stats)
 }

@@ -201,12 +201,6 @@ pub fn futimens(fd: RawFd, ts: &[libc::timespec; 2]) -> io::Result<()> {
     check(unsafe { libc::futimens(fd, ts.as_ptr()) }).map(drop)
 }
 
-/// `syncfs` on the filesystem holding `fd`.
-pub fn syncfs(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    check(unsafe { libc::syncfs(fd) }).map(drop)
-}
-
 /// A path through `/proc/self/fd` naming `name` inside directory `fd` (or the fd itself when
 /// `name` is None). The xattr calls need paths for what cannot be opened (symlinks, devices)
 /// and because O_PATH fds refuse `f*xattr`; used with the `l*` calls, the final component is

@@ -6,6 +6,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use cachedriver_common::at;
+
 use super::*;
 use crate::state::{CacheState, XattrNs};
 

@@ -787,6 +787,5 @@ pub fn import_from<R: io::BufRead>(
 
 /// Opens `dest`'s filesystem and flushes it (one `syncfs` for all the files just written).
 pub fn sync_tree(dest: &Path) -> Result<()> {
-    let f = std::fs::File::open(dest).map_err(|e| Error::io("opening", dest, e))?;
-    at::syncfs(f.as_raw_fd()).map_err(|e| Error::io("syncfs", dest, e))
+    crate::fsutil::syncfs(dest)
 }
