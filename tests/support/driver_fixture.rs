@@ -16,10 +16,13 @@ use cachedriver::store::Store;
 
 #[path = "probe.rs"]
 mod probe;
+#[path = "unmount.rs"]
+mod unmount;
 
 // Tests reach the probe through the fixture; each uses its own subset.
 #[allow(unused_imports)]
 pub use probe::{backends, exe, is_root, skip, strict};
+pub use unmount::unmount_below;
 
 /// A driver over `root`; unmounts anything left under `root/merged` on drop.
 pub struct Fixture {
@@ -114,21 +117,6 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         unmount_below(&self.root.join("merged"));
-    }
-}
-
-/// Lazily unmounts every mount at or below `dir` in our namespace, deepest first, for drop
-/// guards (errors ignored). A point mounted twice is detached twice.
-pub fn unmount_below(dir: &Path) {
-    let mut points: Vec<PathBuf> = cachedriver_common::mounts::mount_table()
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort();
-    points.reverse();
-    for m in points {
-        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
