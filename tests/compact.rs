@@ -7,6 +7,8 @@
 
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
+#[path = "support/xattr_io.rs"]
+mod xattr_io;
 
 use driver_fixture::{exe, strict, Fixture};
 use std::collections::BTreeMap;
@@ -139,26 +141,15 @@ struct Item {
 }
 
 fn user_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 8192];
-    // SAFETY: valid buffer and C string.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n >= 0, "listxattr {}", p.display());
-    buf.truncate(n as usize);
-    let mut out = BTreeMap::new();
-    for name in buf.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        if !name.starts_with(b"user.") || name.starts_with(b"user.overlay.") {
-            continue;
-        }
-        let nc = CString::new(name).unwrap();
-        let mut v = vec![0u8; 4096];
-        // SAFETY: valid buffer and C strings.
-        let n = unsafe { libc::lgetxattr(c.as_ptr(), nc.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(n >= 0);
-        v.truncate(n as usize);
-        out.insert(String::from_utf8_lossy(name).into_owned(), v);
-    }
-    out
+    let names = xattr_io::listxattr(p).unwrap_or_else(|e| panic!("listxattr {}: {e}", p.display()));
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("user.") && !n.starts_with("user.overlay."))
+        .map(|n| {
+            let v = xattr_io::getxattr(p, &n).unwrap_or_else(|e| panic!("getxattr {n}: {e}"));
+            (n, v)
+        })
+        .collect()
 }
 
 /// The whole view: items by path, and the groups of paths that share an inode.
@@ -330,11 +321,8 @@ fn set_times(p: &Path, secs: i64) {
 }
 
 fn set_xattr(p: &Path, name: &str, v: &[u8]) {
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and buffer.
-    let r =
-        unsafe { libc::lsetxattr(cpath(p).as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} {}", p.display());
+    xattr_io::setxattr(p, name, v)
+        .unwrap_or_else(|e| panic!("setxattr {name} {}: {e}", p.display()));
 }
 
 /// Writes one layer in overlay upper format.

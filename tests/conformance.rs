@@ -43,6 +43,8 @@ mod special;
 mod tree;
 #[path = "conformance/whiteouts.rs"]
 mod whiteouts;
+#[path = "support/xattr_io.rs"]
+mod xattr_io;
 #[path = "conformance/xattrs.rs"]
 mod xattrs;
 

@@ -94,18 +94,13 @@ fn whiteout(p: &Path) {
 fn set_xattr(p: &Path, name: &str, v: &[u8]) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} on {}", p.display());
+    at::setxattr(&c, &n, v, 0, false)
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }
 
 fn xattrs(p: &Path) -> Vec<String> {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid buffer.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n >= 0);
-    buf.truncate(n as usize);
+    let buf = at::listxattr(&c, false).unwrap();
     let mut v: Vec<String> = buf
         .split(|b| *b == 0)
         .filter(|n| !n.is_empty())

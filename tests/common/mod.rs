@@ -593,17 +593,9 @@ fn is_opaque(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
+    cachedriver_common::xattr::OPAQUE_XATTRS
         .iter()
-        .any(|name| {
-            let n = std::ffi::CString::new(*name).expect("xattr name");
-            let mut buf = [0u8; 4];
-            // SAFETY: both strings are NUL-terminated and buf is large enough for the length given.
-            let r = unsafe {
-                libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            r == 1 && buf[0] == b'y'
-        })
+        .any(|name| cachedriver_common::at::getxattr(&c, name, false).is_ok_and(|v| v == b"y"))
         || dir.join(".wh..wh..opq").exists()
 }
 

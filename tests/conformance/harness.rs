@@ -694,68 +694,7 @@ pub fn is_whiteout(p: impl AsRef<Path>) -> bool {
     }
 }
 
-pub fn setxattr(p: impl AsRef<Path>, name: &str, value: &[u8]) -> io::Result<()> {
-    let p = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated strings and a valid buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-pub fn getxattr(p: impl AsRef<Path>, name: &str) -> io::Result<Vec<u8>> {
-    let p = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid strings; buffer of the stated size.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-pub fn listxattr(p: impl AsRef<Path>) -> io::Result<Vec<String>> {
-    let p = cstr(p.as_ref());
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid string; buffer of the stated size.
-    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    let mut names: Vec<String> = buf
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    names.sort();
-    Ok(names)
-}
-
-pub fn removexattr(p: impl AsRef<Path>, name: &str) -> io::Result<()> {
-    let p = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated strings.
-    let r = unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+pub use crate::xattr_io::{getxattr, listxattr, removexattr, setxattr};
 
 /// Directory entry names through `getdents64` (nix `Dir`), including `.` and `..`, in the order returned.
 pub fn raw_names(p: impl AsRef<Path>) -> Vec<String> {
