@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cachedriver::backend::BackendKind;
 use cachedriver::budget::{self, Policy, UsageMemo};
-use cachedriver::driver::{Config, Driver};
 use cachedriver::gc::gc_cache;
 use cachedriver::maintenance::{self, Settings};
 use cachedriver::names::CommitMode;
@@ -32,43 +31,31 @@ fn backends() -> Vec<BackendKind> {
     driver_fixture::backends("aging")
 }
 
-/// A driver over a temp root, driven through the protocol; unmounts what is left on drop.
+/// A driver over a temp root (the shared fixture, which unmounts what is left on drop), driven
+/// through the protocol.
 struct Fixture {
-    dir: tempfile::TempDir,
-    driver: Driver,
+    base: driver_fixture::Fixture,
     memo: std::cell::RefCell<UsageMemo>,
 }
 
 impl Fixture {
     fn new(kind: BackendKind) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
-        let driver = Driver::new(
-            store,
-            Config {
-                backend: kind,
-                commit: CommitMode::Replace,
-                exe: exe(),
-            },
-        )
-        .expect("driver");
         Fixture {
-            dir,
-            driver,
+            base: driver_fixture::Fixture::new(kind, CommitMode::Replace),
             memo: Default::default(),
         }
     }
 
     fn root(&self) -> &Path {
-        self.dir.path()
+        self.base.root()
     }
 
     fn store(&self) -> &Store {
-        self.driver.store()
+        self.base.driver.store()
     }
 
     fn call(&self, ep: Endpoint, body: Value) -> Value {
-        let r = protocol::handle(&self.driver, ep, body.to_string().as_bytes());
+        let r = protocol::handle(&self.base.driver, ep, body.to_string().as_bytes());
         assert_eq!(r.status, 200, "{ep:?} {body}: {:?}", r.body);
         r.body
     }
@@ -121,12 +108,6 @@ impl Fixture {
 
     fn disk(&self, cache: &str) -> u64 {
         budget::cache_usage(self.store(), cache, &mut self.memo.borrow_mut())
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        driver_fixture::unmount_below(&self.dir.path().join("merged"));
     }
 }
 
@@ -532,7 +513,7 @@ fn the_worker_collects_garbage_after_a_commit() {
     };
     let fx = Fixture::new(kind);
     let worker = maintenance::Worker::start(fx.store().clone(), Settings::default()).unwrap();
-    fx.driver.set_maintenance(worker.notifier());
+    fx.base.driver.set_maintenance(worker.notifier());
     fx.create("w-a", &[]);
     fx.create("w-b", &[]);
     let a = fx.mount("w-a", "1");
