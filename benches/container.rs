@@ -16,6 +16,8 @@
 #[path = "support/e2e.rs"]
 mod e2e;
 
+#[path = "../tests/support/probe.rs"]
+mod probe;
 #[path = "support/stats.rs"]
 mod stats;
 
@@ -39,14 +41,9 @@ struct Driver {
     plugin: Option<usize>,
 }
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
 fn skip(why: &str) -> ! {
     eprintln!("\n******** container bench SKIPPED: {why} ********\n");
-    std::process::exit(if strict() { 1 } else { 0 });
+    std::process::exit(if probe::strict() { 1 } else { 0 });
 }
 
 fn main() {
@@ -60,7 +57,7 @@ fn main() {
     if !nix::unistd::geteuid().is_root() {
         skip("needs root (dockerd, mounts)");
     }
-    if which("dockerd").is_none() || which("docker").is_none() {
+    if probe::which("dockerd").is_none() || probe::which("docker").is_none() {
         skip("dockerd/docker not installed (scripts/install-deps.sh installs docker.io)");
     }
     let reps = if quick {
@@ -77,14 +74,6 @@ fn main() {
         eprintln!("container bench FAILED: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.is_file())
 }
 
 fn run(reps: usize) -> Result<()> {

@@ -27,7 +27,6 @@
 //! complete layer dir that no state names (for GC).
 
 mod flatten;
-pub(crate) mod sys;
 
 use std::fs;
 use std::path::PathBuf;
@@ -300,8 +299,7 @@ fn build(tmp: &std::path::Path, layers: &[(String, PathBuf)]) -> Result<flatten:
     let _ = cachedriver_common::rlimit::raise_nofile();
     let stats = flatten::flatten(layers, tmp)?;
     crate::failpoint!("compact::after_flatten");
-    let f = fs::File::open(tmp).ctx("opening compacted layer", tmp)?;
-    sys::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).ctx("syncfs", tmp)?;
+    crate::fsutil::syncfs(tmp)?;
     crate::failpoint!("compact::after_syncfs");
     Ok(stats)
 }

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -43,75 +43,86 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// Registers a clone of `metric` under `name` with `help` and hands the metric back, so each
+/// field of [`Metrics`] is made and registered in one place.
+fn reg<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
+/// A latency histogram with buckets from 1 ms to ~16 s.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
 fn new() -> Metrics {
     let mut registry = Registry::with_prefix("cachedriver");
-    let m = Metrics {
-        sessions_started: Family::default(),
-        sessions_ended: Family::default(),
-        // 1 ms .. ~16 s
-        mount_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-        unmount_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-        layers: Family::default(),
-        bytes: Family::default(),
-        evictions: Family::default(),
-        compactions: Family::default(),
-        gc_freed_bytes: Counter::default(),
-        gc_layers_deleted: Counter::default(),
-        orphans_ended: Counter::default(),
-        registry: Registry::default(),
-    };
-    registry.register(
-        "sessions_started",
-        "Sessions started, by cache and whether the snapshot they started on had content (hit) or was empty (miss)",
-        m.sessions_started.clone(),
-    );
-    registry.register(
-        "sessions_ended",
-        "Sessions ended, by cache and outcome (committed, discarded, empty)",
-        m.sessions_ended.clone(),
-    );
-    registry.register(
-        "mount_seconds",
-        "Latency of Mount calls that started a session",
-        m.mount_seconds.clone(),
-    );
-    registry.register(
-        "unmount_seconds",
-        "Latency of the last Unmount of a session (unmount plus commit)",
-        m.unmount_seconds.clone(),
-    );
-    registry.register("layers", "Layers on disk, by cache", m.layers.clone());
-    registry.register(
-        "bytes",
-        "Disk taken by a cache's layers (each inode counted once), by cache",
-        m.bytes.clone(),
-    );
-    registry.register(
-        "evictions",
-        "Caches evicted by the disk budget, by reason (max-size, max-idle)",
-        m.evictions.clone(),
-    );
-    registry.register(
-        "compactions",
-        "Compactions of a cache's chain, by cache",
-        m.compactions.clone(),
-    );
-    registry.register(
-        "gc_freed_bytes",
-        "Bytes freed by garbage collection",
-        m.gc_freed_bytes.clone(),
-    );
-    registry.register(
-        "gc_layers_deleted",
-        "Layers deleted by garbage collection",
-        m.gc_layers_deleted.clone(),
-    );
-    registry.register(
-        "orphaned_sessions_ended",
-        "Sessions ended because no container used them any more (engine crash, lost Unmount)",
-        m.orphans_ended.clone(),
-    );
-    Metrics { registry, ..m }
+    let r = &mut registry;
+    // Registration order is exposition order.
+    Metrics {
+        sessions_started: reg(
+            r,
+            "sessions_started",
+            "Sessions started, by cache and whether the snapshot they started on had content (hit) or was empty (miss)",
+            Family::default(),
+        ),
+        sessions_ended: reg(
+            r,
+            "sessions_ended",
+            "Sessions ended, by cache and outcome (committed, discarded, empty)",
+            Family::default(),
+        ),
+        mount_seconds: reg(
+            r,
+            "mount_seconds",
+            "Latency of Mount calls that started a session",
+            latency(),
+        ),
+        unmount_seconds: reg(
+            r,
+            "unmount_seconds",
+            "Latency of the last Unmount of a session (unmount plus commit)",
+            latency(),
+        ),
+        layers: reg(r, "layers", "Layers on disk, by cache", Family::default()),
+        bytes: reg(
+            r,
+            "bytes",
+            "Disk taken by a cache's layers (each inode counted once), by cache",
+            Family::default(),
+        ),
+        evictions: reg(
+            r,
+            "evictions",
+            "Caches evicted by the disk budget, by reason (max-size, max-idle)",
+            Family::default(),
+        ),
+        compactions: reg(
+            r,
+            "compactions",
+            "Compactions of a cache's chain, by cache",
+            Family::default(),
+        ),
+        gc_freed_bytes: reg(
+            r,
+            "gc_freed_bytes",
+            "Bytes freed by garbage collection",
+            Counter::default(),
+        ),
+        gc_layers_deleted: reg(
+            r,
+            "gc_layers_deleted",
+            "Layers deleted by garbage collection",
+            Counter::default(),
+        ),
+        orphans_ended: reg(
+            r,
+            "orphaned_sessions_ended",
+            "Sessions ended because no container used them any more (engine crash, lost Unmount)",
+            Counter::default(),
+        ),
+        registry,
+    }
 }
 
 /// The process-wide metrics.
@@ -248,5 +259,47 @@ mod tests {
         ] {
             assert!(t.contains(want), "missing {want} in:\n{t}");
         }
+    }
+
+    #[test]
+    fn every_metric_is_exported_in_order_with_its_help_and_type() {
+        // A fresh registry, one sample in each family so that every metric is written.
+        let m = new();
+        let l = cache("c");
+        m.sessions_started.get_or_create(&l).inc();
+        m.sessions_ended.get_or_create(&l).inc();
+        m.layers.get_or_create(&l).set(2);
+        m.bytes.get_or_create(&l).set(3);
+        m.evictions.get_or_create(&l).inc();
+        m.compactions.get_or_create(&l).inc();
+        let mut t = String::new();
+        encode(&mut t, &m.registry).unwrap();
+        let got: Vec<&str> = t.lines().filter(|l| l.starts_with("# ")).collect();
+        let want = [
+            "# HELP cachedriver_sessions_started Sessions started, by cache and whether the snapshot they started on had content (hit) or was empty (miss).",
+            "# TYPE cachedriver_sessions_started counter",
+            "# HELP cachedriver_sessions_ended Sessions ended, by cache and outcome (committed, discarded, empty).",
+            "# TYPE cachedriver_sessions_ended counter",
+            "# HELP cachedriver_mount_seconds Latency of Mount calls that started a session.",
+            "# TYPE cachedriver_mount_seconds histogram",
+            "# HELP cachedriver_unmount_seconds Latency of the last Unmount of a session (unmount plus commit).",
+            "# TYPE cachedriver_unmount_seconds histogram",
+            "# HELP cachedriver_layers Layers on disk, by cache.",
+            "# TYPE cachedriver_layers gauge",
+            "# HELP cachedriver_bytes Disk taken by a cache's layers (each inode counted once), by cache.",
+            "# TYPE cachedriver_bytes gauge",
+            "# HELP cachedriver_evictions Caches evicted by the disk budget, by reason (max-size, max-idle).",
+            "# TYPE cachedriver_evictions counter",
+            "# HELP cachedriver_compactions Compactions of a cache's chain, by cache.",
+            "# TYPE cachedriver_compactions counter",
+            "# HELP cachedriver_gc_freed_bytes Bytes freed by garbage collection.",
+            "# TYPE cachedriver_gc_freed_bytes counter",
+            "# HELP cachedriver_gc_layers_deleted Layers deleted by garbage collection.",
+            "# TYPE cachedriver_gc_layers_deleted counter",
+            "# HELP cachedriver_orphaned_sessions_ended Sessions ended because no container used them any more (engine crash, lost Unmount).",
+            "# TYPE cachedriver_orphaned_sessions_ended counter",
+            "# EOF",
+        ];
+        assert_eq!(got, want);
     }
 }

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use cachedriver_common::mounts::unescape_mountinfo;
 use serde::Serialize;
 
 /// One line of a `mountinfo` file.
@@ -48,25 +49,6 @@ pub struct MountEntry {
     pub fstype: String,
     /// Superblock options (`upperdir=...` for overlay).
     pub super_opts: String,
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parses a `mountinfo` file; malformed lines are skipped.
@@ -99,7 +81,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         out.push(MountEntry {
             id,
             dev: (ma, mi),
-            point: unescape(f[4]),
+            point: unescape_mountinfo(f[4].as_bytes())
+                .to_string_lossy()
+                .into_owned(),
             shared,
             master,
             fstype: f.get(sep + 1).copied().unwrap_or_default().to_string(),

@@ -10,7 +10,7 @@
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
 
-use driver_fixture::{exe, strict};
+use driver_fixture::{durable_state, exe, strict};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cachedriver::backend::BackendKind;
 use cachedriver::budget::{self, Policy, UsageMemo};
-use cachedriver::driver::{Config, Driver};
 use cachedriver::gc::gc_cache;
 use cachedriver::maintenance::{self, Settings};
 use cachedriver::names::CommitMode;
@@ -32,43 +31,31 @@ fn backends() -> Vec<BackendKind> {
     driver_fixture::backends("aging")
 }
 
-/// A driver over a temp root, driven through the protocol; unmounts what is left on drop.
+/// A driver over a temp root (the shared fixture, which unmounts what is left on drop), driven
+/// through the protocol.
 struct Fixture {
-    dir: tempfile::TempDir,
-    driver: Driver,
+    base: driver_fixture::Fixture,
     memo: std::cell::RefCell<UsageMemo>,
 }
 
 impl Fixture {
     fn new(kind: BackendKind) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
-        let driver = Driver::new(
-            store,
-            Config {
-                backend: kind,
-                commit: CommitMode::Replace,
-                exe: exe(),
-            },
-        )
-        .expect("driver");
         Fixture {
-            dir,
-            driver,
+            base: driver_fixture::Fixture::new(kind, CommitMode::Replace),
             memo: Default::default(),
         }
     }
 
     fn root(&self) -> &Path {
-        self.dir.path()
+        self.base.root()
     }
 
     fn store(&self) -> &Store {
-        self.driver.store()
+        self.base.driver.store()
     }
 
     fn call(&self, ep: Endpoint, body: Value) -> Value {
-        let r = protocol::handle(&self.driver, ep, body.to_string().as_bytes());
+        let r = protocol::handle(&self.base.driver, ep, body.to_string().as_bytes());
         assert_eq!(r.status, 200, "{ep:?} {body}: {:?}", r.body);
         r.body
     }
@@ -122,48 +109,6 @@ impl Fixture {
     fn disk(&self, cache: &str) -> u64 {
         budget::cache_usage(self.store(), cache, &mut self.memo.borrow_mut())
     }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let merged = self.dir.path().join("merged");
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let prefix = merged.to_string_lossy().to_string();
-            let mut points: Vec<String> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            points.sort();
-            points.reverse();
-            for m in points {
-                let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-/// Every durable record (names and file contents), to prove a dry run changed nothing. The
-/// maintenance lock file (created empty by the first locker) is not a record.
-fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    for sub in ["volumes", "lower"] {
-        let mut stack = vec![root.join(sub)];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if e.file_type().unwrap().is_dir() {
-                    stack.push(p.clone());
-                    out.push((p, vec![]));
-                } else {
-                    out.push((p.clone(), fs::read(&p).unwrap_or_default()));
-                }
-            }
-        }
-    }
-    out.retain(|(p, _)| !p.ends_with(cachedriver::store::MAINTENANCE_FILE));
-    out.sort();
-    out
 }
 
 fn set_used(store: &Store, cache: &str, ago: Duration) {
@@ -568,7 +513,7 @@ fn the_worker_collects_garbage_after_a_commit() {
     };
     let fx = Fixture::new(kind);
     let worker = maintenance::Worker::start(fx.store().clone(), Settings::default()).unwrap();
-    fx.driver.set_maintenance(worker.notifier());
+    fx.base.driver.set_maintenance(worker.notifier());
     fx.create("w-a", &[]);
     fx.create("w-b", &[]);
     let a = fx.mount("w-a", "1");

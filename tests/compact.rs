@@ -7,8 +7,10 @@
 
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
+#[path = "support/xattr_io.rs"]
+mod xattr_io;
 
-use driver_fixture::{exe, strict};
+use driver_fixture::{exe, strict, Fixture};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
@@ -20,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use cachedriver::backend::BackendKind;
 use cachedriver::compact::compact_cache;
-use cachedriver::driver::{Config, Driver};
 use cachedriver::names::CommitMode;
 use cachedriver::state::{CacheState, XattrNs};
 use cachedriver::store::Store;
@@ -140,26 +141,15 @@ struct Item {
 }
 
 fn user_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 8192];
-    // SAFETY: valid buffer and C string.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n >= 0, "listxattr {}", p.display());
-    buf.truncate(n as usize);
-    let mut out = BTreeMap::new();
-    for name in buf.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        if !name.starts_with(b"user.") || name.starts_with(b"user.overlay.") {
-            continue;
-        }
-        let nc = CString::new(name).unwrap();
-        let mut v = vec![0u8; 4096];
-        // SAFETY: valid buffer and C strings.
-        let n = unsafe { libc::lgetxattr(c.as_ptr(), nc.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(n >= 0);
-        v.truncate(n as usize);
-        out.insert(String::from_utf8_lossy(name).into_owned(), v);
-    }
-    out
+    let names = xattr_io::listxattr(p).unwrap_or_else(|e| panic!("listxattr {}: {e}", p.display()));
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("user.") && !n.starts_with("user.overlay."))
+        .map(|n| {
+            let v = xattr_io::getxattr(p, &n).unwrap_or_else(|e| panic!("getxattr {n}: {e}"));
+            (n, v)
+        })
+        .collect()
 }
 
 /// The whole view: items by path, and the groups of paths that share an inode.
@@ -331,11 +321,8 @@ fn set_times(p: &Path, secs: i64) {
 }
 
 fn set_xattr(p: &Path, name: &str, v: &[u8]) {
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and buffer.
-    let r =
-        unsafe { libc::lsetxattr(cpath(p).as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} {}", p.display());
+    xattr_io::setxattr(p, name, v)
+        .unwrap_or_else(|e| panic!("setxattr {name} {}: {e}", p.display()));
 }
 
 /// Writes one layer in overlay upper format.
@@ -535,67 +522,26 @@ fn compacted_views_equal_the_old_ones() {
 // ---------------------------------------------------------------------------------------------
 // A session on the old chain.
 
-/// A driver over a temp root; unmounts anything left under it on drop.
-struct Fixture {
-    dir: tempfile::TempDir,
-    driver: Driver,
-}
-
-impl Fixture {
-    fn new(kind: BackendKind) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let driver = Driver::new(
-            store,
-            Config {
-                backend: kind,
-                commit: CommitMode::Merge,
-                exe: exe(),
-            },
-        )
-        .unwrap();
-        Fixture { dir, driver }
-    }
-
-    fn session(&self, name: &str, f: impl FnOnce(&Path)) {
-        self.driver.create(name, &BTreeMap::new()).unwrap();
-        let m = self.driver.mount(name, "id").unwrap();
-        f(&m);
-        self.driver.unmount(name, "id").unwrap();
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let merged = self.dir.path().join("merged");
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let prefix = merged.to_string_lossy().to_string();
-            let mut points: Vec<String> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            points.sort();
-            points.reverse();
-            for m in points {
-                let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
+/// A session on `fx`: create `name`, mount it, hand the view to `f`, unmount (and commit).
+fn session(fx: &Fixture, name: &str, f: impl FnOnce(&Path)) {
+    fx.driver.create(name, &BTreeMap::new()).unwrap();
+    let m = fx.driver.mount(name, "id").unwrap();
+    f(&m);
+    fx.driver.unmount(name, "id").unwrap();
 }
 
 #[test]
 fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
     for kind in backends() {
         eprintln!("-- backend {}", kind.as_str());
-        let fx = Fixture::new(kind);
-        fx.session("c-s0", |m| {
+        let fx = Fixture::new(kind, CommitMode::Merge);
+        session(&fx, "c-s0", |m| {
             fs::create_dir(m.join("dir")).unwrap();
             fs::write(m.join("dir/gone"), "old").unwrap();
             fs::write(m.join("kept"), "k0").unwrap();
         });
         for i in 1..6 {
-            fx.session(&format!("c-s{i}"), |m| {
+            session(&fx, &format!("c-s{i}"), |m| {
                 fs::write(m.join(format!("f{i}")), format!("{i}")).unwrap();
                 fs::write(m.join("kept"), format!("k{i}")).unwrap();
                 if i == 3 {
@@ -620,7 +566,7 @@ fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
         fs::write(old.join("from-old"), "x").unwrap();
         fs::write(old.join("kept"), "from old").unwrap();
         // A session started after the compaction sees the same snapshot through the new chain.
-        fx.session("c-new", |m| {
+        session(&fx, "c-new", |m| {
             let (mut a, b) = (dump(m), before.clone());
             // The root's own entry differs only by what the sessions wrote: compare the rest.
             a.0.remove(Path::new(""));
@@ -634,7 +580,7 @@ fn a_session_on_the_old_chain_keeps_its_view_and_merges_on_the_new_latest() {
         let chain = st.latest_chain().unwrap();
         assert_eq!(chain.len(), 4, "old session merged on top: {chain:?}");
         assert!(chain.contains(&r.new_layer));
-        fx.session("c-after", |m| {
+        session(&fx, "c-after", |m| {
             assert_eq!(fs::read_to_string(m.join("kept")).unwrap(), "from old");
             assert_eq!(fs::read_to_string(m.join("from-old")).unwrap(), "x");
             assert_eq!(fs::read_to_string(m.join("from-new")).unwrap(), "y");

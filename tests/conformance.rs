@@ -31,6 +31,8 @@ mod format;
 mod harness;
 #[path = "conformance/permissions.rs"]
 mod permissions;
+#[path = "support/probe.rs"]
+mod probe;
 #[path = "conformance/reading.rs"]
 mod reading;
 #[path = "conformance/rename.rs"]
@@ -41,6 +43,8 @@ mod special;
 mod tree;
 #[path = "conformance/whiteouts.rs"]
 mod whiteouts;
+#[path = "support/xattr_io.rs"]
+mod xattr_io;
 #[path = "conformance/xattrs.rs"]
 mod xattrs;
 

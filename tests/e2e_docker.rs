@@ -25,6 +25,8 @@
 //! - `CACHEDRIVER_E2E_DIR`: parent of run directories (default `/tmp/cde2e`).
 
 mod e2e;
+#[path = "support/probe.rs"]
+mod probe;
 
 use e2e::harness::{self, Precondition, Skip};
 use e2e::parity::Group;

@@ -12,10 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector, Uri};
 use serde_json::Value;
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
+#[path = "support/probe.rs"]
+mod probe;
 
 /// A plugin process on a temp root and socket; killed and unmounted on drop.
 struct Plugin {
@@ -26,15 +24,16 @@ struct Plugin {
 
 impl Plugin {
     fn start() -> Option<Plugin> {
-        if !nix::unistd::geteuid().is_root() {
-            let msg = "protocol_socket: SKIPPED: the plugin mounts overlays and needs root";
-            assert!(!strict(), "{msg} (CI requires it)");
-            eprintln!("\n*** {msg} ***\n");
+        if !probe::is_root() {
+            probe::skip(
+                "protocol_socket",
+                "the plugin mounts overlays and needs root",
+            );
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("plugin.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_cachedriver"))
+        let child = Command::new(probe::exe())
             .arg("serve")
             .arg("--root")
             .arg(dir.path().join("root"))
@@ -237,7 +236,7 @@ async fn sigterm_stops_cleanly_and_sessions_survive_a_restart() {
 
     // A new process on the same root knows the volume and its session.
     let log = std::fs::File::create(p.dir.path().join("plugin2.log")).expect("log");
-    p.child = Command::new(env!("CARGO_BIN_EXE_cachedriver"))
+    p.child = Command::new(probe::exe())
         .args(["serve", "--backend", "kernel", "--root"])
         .arg(p.root())
         .arg("--socket")

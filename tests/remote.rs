@@ -7,6 +7,8 @@
 mod driver_fixture;
 #[path = "support/registry.rs"]
 mod registry;
+#[path = "support/xattr_io.rs"]
+mod xattr_io;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -83,9 +85,10 @@ fn snapshot(root: &Path) -> (BTreeMap<String, String>, Vec<Vec<String>>) {
                 stack.push(p.clone());
             }
             if !ft.is_symlink() {
-                if let Ok(list) = xattr_list(&p) {
+                if let Ok(list) = xattr_io::listxattr(&p) {
                     for x in list.into_iter().filter(|x| x.starts_with("user.")) {
-                        desc += &format!(" {x}={:?}", xattr_get(&p, &x));
+                        let v = xattr_io::getxattr(&p, &x).unwrap_or_default();
+                        desc += &format!(" {x}={:?}", String::from_utf8_lossy(&v));
                     }
                 }
             }
@@ -100,47 +103,8 @@ fn snapshot(root: &Path) -> (BTreeMap<String, String>, Vec<Vec<String>>) {
     (out, groups)
 }
 
-fn cpath(p: &Path) -> std::ffi::CString {
-    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
-}
-
-fn xattr_list(p: &Path) -> std::io::Result<Vec<String>> {
-    let c = cpath(p);
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid C string and buffer.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    let mut v: Vec<String> = buf
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).to_string())
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-fn xattr_get(p: &Path, name: &str) -> String {
-    let c = cpath(p);
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return String::new();
-    }
-    buf.truncate(r as usize);
-    String::from_utf8_lossy(&buf).to_string()
-}
-
 fn set_xattr(p: &Path, name: &str, v: &[u8]) {
-    let c = cpath(p);
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
+    xattr_io::setxattr(p, name, v).unwrap_or_else(|e| panic!("setxattr {name}: {e}"));
 }
 
 /// Session one on host A: every kind of entry a layer holds.

@@ -20,10 +20,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
+#[path = "support/probe.rs"]
+mod probe;
 
 /// Why this host cannot run the rootless tests, if it cannot.
 fn missing() -> Option<String> {
@@ -39,7 +37,7 @@ fn missing() -> Option<String> {
         "slirp4netns",
         "nsenter",
     ] {
-        if which(tool).is_none() {
+        if probe::which(tool).is_none() {
             return Some(format!(
                 "{tool} is not installed (scripts/install-deps.sh installs it)"
             ));
@@ -53,21 +51,10 @@ fn missing() -> Option<String> {
 
 fn skip_or_fail(test: &str) -> bool {
     if let Some(why) = missing() {
-        let msg = format!("rootless::{test}: SKIPPED: {why}");
-        assert!(!strict(), "{msg} (CI requires it)");
-        eprintln!("\n*** {msg} ***\n");
+        probe::skip(&format!("rootless::{test}"), &why);
         return true;
     }
     false
-}
-
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| PathBuf::from(d).join(cmd))
-        .find(|p| p.is_file())
 }
 
 fn sh(cmd: &mut Command) -> std::process::Output {

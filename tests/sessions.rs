@@ -11,7 +11,7 @@
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
 
-use driver_fixture::exe;
+use driver_fixture::{exe, Holder};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -156,41 +156,7 @@ impl Drop for Fixture {
                 }
             }
         }
-        let prefix = self.dir.path().to_string_lossy().to_string();
-        let mut points: Vec<String> = cachedriver::sessions::parse_mountinfo(
-            &fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
-        )
-        .into_iter()
-        .map(|m| m.point)
-        .filter(|m| m.starts_with(&prefix))
-        .collect();
-        points.sort();
-        points.reverse();
-        for m in points {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// A stand-in for a container in our mount namespace: a child whose cwd is in the view.
-struct Holder(Child);
-
-impl Holder {
-    fn new(view: &Path) -> Self {
-        Holder(
-            Command::new("sleep")
-                .arg("600")
-                .current_dir(view)
-                .spawn()
-                .expect("spawning sleep"),
-        )
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        driver_fixture::unmount_below(self.dir.path());
     }
 }
 
@@ -677,7 +643,7 @@ fn a_hung_fuse_server_blocks_neither_startup_nor_other_caches() {
 
         let users = fx.driver.sessions().unwrap();
         assert!(
-            users[0].users.pids.contains(&(holder.0.id() as i32)),
+            users[0].users.pids.contains(&(holder.pid() as i32)),
             "{users:?}"
         );
         // Once its container is gone, the hung session is ended (server killed) and committed.
@@ -734,7 +700,7 @@ fn cli_lists_sessions_with_their_users_and_ends_one() {
             .iter()
             .filter_map(|p| p.as_i64())
             .collect();
-        assert!(pids.contains(&(holder.0.id() as i64)), "{v}");
+        assert!(pids.contains(&(holder.pid() as i64)), "{v}");
         let end = |extra: &[&str]| {
             Command::new(exe())
                 .args(["end", "cli-a", "--root"])

@@ -7,113 +7,17 @@
 #[path = "support/driver_fixture.rs"]
 mod driver_fixture;
 
-use driver_fixture::{exe, Holder};
-use std::collections::BTreeMap;
+use driver_fixture::{durable_state, exe, Fixture, Holder};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
 use cachedriver::backend::BackendKind;
-use cachedriver::driver::{Config, Driver};
 use cachedriver::names::CommitMode;
 use cachedriver::protocol::{self, Endpoint};
-use cachedriver::store::Store;
 
 /// Backends usable here; loud (or fatal under CI) about the ones that are not.
 fn backends() -> Vec<BackendKind> {
     driver_fixture::backends("store_commit")
-}
-
-/// A driver over a temp root; unmounts anything left under it on drop.
-struct Fixture {
-    dir: tempfile::TempDir,
-    driver: Driver,
-    kind: BackendKind,
-    mode: CommitMode,
-}
-
-impl Fixture {
-    fn new(kind: BackendKind, mode: CommitMode) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let driver = Self::driver_at(dir.path(), kind, mode);
-        Fixture {
-            dir,
-            driver,
-            kind,
-            mode,
-        }
-    }
-
-    fn driver_at(root: &Path, kind: BackendKind, mode: CommitMode) -> Driver {
-        let store = Store::open(root).expect("store");
-        Driver::new(
-            store,
-            Config {
-                backend: kind,
-                commit: mode,
-                exe: exe(),
-            },
-        )
-        .expect("driver")
-    }
-
-    /// A second driver on the same root, as after a plugin restart.
-    fn restart(&mut self) {
-        self.driver = Self::driver_at(self.dir.path(), self.kind, self.mode);
-    }
-
-    fn root(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn create(&self, name: &str, opts: &[(&str, &str)]) {
-        let o: BTreeMap<String, String> = opts
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self.driver.create(name, &o).expect("create");
-    }
-
-    fn mount(&self, name: &str, id: &str) -> PathBuf {
-        self.driver.mount(name, id).expect("mount")
-    }
-
-    fn unmount(&self, name: &str, id: &str) {
-        self.driver.unmount(name, id).expect("unmount")
-    }
-
-    fn latest(&self, cache: &str) -> String {
-        let s: serde_json::Value = serde_json::from_slice(
-            &fs::read(
-                self.root()
-                    .join("lower")
-                    .join(cache)
-                    .join("cache-state.json"),
-            )
-            .expect("state"),
-        )
-        .expect("json");
-        s["state"]["latest"].as_str().expect("latest").to_string()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let merged = self.dir.path().join("merged");
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let prefix = merged.to_string_lossy().to_string();
-            let mut points: Vec<String> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            points.sort();
-            points.reverse();
-            for m in points {
-                let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
 }
 
 fn each(mode: CommitMode, f: impl Fn(&Fixture)) {
@@ -373,27 +277,6 @@ fn symlinks_in_an_upper_are_committed_not_followed() {
         let listing = cachedriver::ls::render(fx.driver.store()).unwrap();
         assert!(listing.contains("cache sym: latest a"), "{listing}");
     });
-}
-
-/// Snapshot of every durable record, to prove a bad request changed nothing.
-fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    for sub in ["volumes", "lower"] {
-        let mut stack = vec![root.join(sub)];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap().flatten() {
-                let p = e.path();
-                if e.file_type().unwrap().is_dir() {
-                    stack.push(p.clone());
-                    out.push((p, vec![]));
-                } else {
-                    out.push((p.clone(), fs::read(&p).unwrap_or_default()));
-                }
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

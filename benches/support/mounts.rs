@@ -72,13 +72,7 @@ pub struct Backend {
     pub missing: Option<String>,
 }
 
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
+pub use crate::probe::which;
 
 pub fn cachedriver_bin() -> Result<PathBuf, String> {
     // Cargo builds the package's binary for benches and tells us where it is.

@@ -4,25 +4,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+#[path = "../../tests/support/unmount.rs"]
+mod unmount;
+
 /// Unmounts everything under `<root>/merged` on drop (panics included).
 pub struct Unmounter(pub PathBuf);
 
 impl Drop for Unmounter {
     fn drop(&mut self) {
-        let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-            return;
-        };
-        let prefix = self.0.join("merged").to_string_lossy().to_string();
-        let mut points: Vec<String> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
-        points.sort();
-        points.reverse();
-        for m in points {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        unmount::unmount_below(&self.0.join("merged"));
     }
 }
 

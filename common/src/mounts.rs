@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// Undoes mountinfo's `\ooo` escapes (space, tab, newline and backslash); anything that is not
 /// exactly three octal digits after a backslash stays as it is. Paths are bytes: invalid UTF-8
 /// is kept as it is.
-fn unescape_mountinfo(b: &[u8]) -> PathBuf {
+pub fn unescape_mountinfo(b: &[u8]) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {

@@ -26,6 +26,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::at::{self, check};
+
 /// How often a directory emptied by us is listed again to catch entries made while we worked
 /// (a writer still running); after that its rmdir reports ENOTEMPTY.
 const MAX_RELISTS: u32 = 8;
@@ -56,14 +58,6 @@ impl Id {
         self.dev != top.dev
             || self.mount_root == Some(true)
             || matches!((self.mnt_id, top.mnt_id), (Some(a), Some(b)) if a != b)
-    }
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
     }
 }
 
@@ -98,7 +92,7 @@ fn stat_at(dirfd: RawFd, name: &CStr) -> io::Result<Id> {
     // SAFETY: stat is plain old data.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and a valid pointer to a local stat.
-    cvt(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, flags) })?;
+    check(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, flags) })?;
     Ok(Id {
         dev: st.st_dev,
         ino: st.st_ino,
@@ -106,28 +100,6 @@ fn stat_at(dirfd: RawFd, name: &CStr) -> io::Result<Id> {
         mnt_id: None,
         mount_root: None,
     })
-}
-
-/// `lstat` of `name` in `dirfd`, full `struct stat` (for walkers that need sizes and links).
-fn lstat_full(dirfd: RawFd, name: &CStr) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain old data.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and a valid pointer to a local stat.
-    cvt(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
-    Ok(st)
-}
-
-fn open_dir_at(dirfd: RawFd, name: &CStr) -> io::Result<OwnedFd> {
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: valid C string; the fd returned is owned below.
-    let fd = cvt(unsafe { libc::openat(dirfd, name.as_ptr(), flags) })?;
-    // SAFETY: openat returned a fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn unlink_at(dirfd: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: valid C string.
-    cvt(unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) }).map(|_| ())
 }
 
 /// `chattr +i` / `+a` (a privileged container can set them through overlayfs): an inode with
@@ -162,15 +134,10 @@ fn clear_flags_at(dirfd: RawFd, name: &CStr) -> bool {
     if fmt != libc::S_IFREG && fmt != libc::S_IFDIR {
         return false;
     }
-    let flags =
-        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
-    // SAFETY: valid C string; the fd returned is owned below.
-    let fd = unsafe { libc::openat(dirfd, name.as_ptr(), flags) };
-    if fd < 0 {
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let Ok(fd) = at::openat(dirfd, name, flags, 0) else {
         return false;
-    }
-    // SAFETY: openat returned a fresh fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    };
     match stat_at(fd.as_raw_fd(), c"") {
         Ok(now) if now.same_inode(&st) && now.mode & libc::S_IFMT == fmt => {
             clear_flags_fd(fd.as_raw_fd())
@@ -187,12 +154,12 @@ fn unlink_forced(
     flags: libc::c_int,
     dir_in_tree: bool,
 ) -> io::Result<()> {
-    match unlink_at(dirfd, name, flags) {
+    match at::unlinkat(dirfd, name, flags) {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             let entry = clear_flags_at(dirfd, name);
             let dir = dir_in_tree && clear_flags_fd(dirfd);
             if entry || dir {
-                unlink_at(dirfd, name, flags)
+                at::unlinkat(dirfd, name, flags)
             } else {
                 Err(e)
             }
@@ -305,7 +272,7 @@ fn refuse_mount(frames: &[Frame], name: &CStr) -> io::Error {
 /// Climbs from `cur` to its parent with `openat(cur, "..")`, checking that the parent is the
 /// directory `frames.last()` recorded.
 fn climb(cur: &OwnedFd, frames: &[Frame]) -> io::Result<OwnedFd> {
-    let parent = open_dir_at(cur.as_raw_fd(), c"..")?;
+    let parent = at::open_dir_at(cur.as_raw_fd(), c"..")?;
     let got = stat_at(parent.as_raw_fd(), c"")?;
     match frames.last() {
         Some(f) if f.id.same_inode(&got) => Ok(parent),
@@ -328,11 +295,11 @@ pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
             String::from_utf8_lossy(name.to_bytes())
         )));
     }
-    let top_fd = match open_dir_at(dirfd, name) {
+    let top_fd = match at::open_dir_at(dirfd, name) {
         Ok(fd) => fd,
         // Replaced by a non-directory since the stat.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP)) => {
-            return unlink_at(dirfd, name, 0)
+            return at::unlinkat(dirfd, name, 0)
         }
         Err(e) => return Err(e),
     };
@@ -383,7 +350,7 @@ pub fn remove_tree_at(dirfd: RawFd, name: &CStr) -> io::Result<()> {
         let next = f.pending.as_mut().and_then(Vec::pop);
         if let Some(child) = next {
             let depth = f.depth + 1;
-            let fd = match open_dir_at(cur.as_raw_fd(), &child) {
+            let fd = match at::open_dir_at(cur.as_raw_fd(), &child) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 // A symlink or file now stands there: remove the entry, follow nothing.
@@ -457,7 +424,7 @@ fn split_parent(path: &Path) -> io::Result<(OwnedFd, CString)> {
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
     // SAFETY: valid C string; the fd returned is owned below.
-    let fd = cvt(unsafe { libc::open(cparent.as_ptr(), flags) })?;
+    let fd = check(unsafe { libc::open(cparent.as_ptr(), flags) })?;
     // SAFETY: open returned a fresh fd.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let cname =
@@ -520,7 +487,7 @@ pub fn walk(path: &Path, mut visit: impl FnMut(&WalkEntry<'_>) -> Walk) -> io::R
     // The top is the caller's: following a symlink to it is theirs to decide; nothing below it is.
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
     // SAFETY: valid C string; the fd returned is owned below.
-    let fd = cvt(unsafe { libc::open(cpath.as_ptr(), flags) })?;
+    let fd = check(unsafe { libc::open(cpath.as_ptr(), flags) })?;
     // SAFETY: open returned a fresh fd.
     let mut cur = unsafe { OwnedFd::from_raw_fd(fd) };
     let top = stat_at(cur.as_raw_fd(), c"")?;
@@ -538,7 +505,7 @@ pub fn walk(path: &Path, mut visit: impl FnMut(&WalkEntry<'_>) -> Walk) -> io::R
         if f.pending.is_none() {
             let mut subdirs = Vec::new();
             for (child, _) in list(cur.as_raw_fd())? {
-                let st = match lstat_full(cur.as_raw_fd(), &child) {
+                let st = match at::fstatat(cur.as_raw_fd(), &child) {
                     Ok(st) => st,
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                     Err(e) => return Err(e),
@@ -564,7 +531,7 @@ pub fn walk(path: &Path, mut visit: impl FnMut(&WalkEntry<'_>) -> Walk) -> io::R
         let next = f.pending.as_mut().and_then(Vec::pop);
         if let Some(child) = next {
             let depth = f.depth + 1;
-            let fd = match open_dir_at(cur.as_raw_fd(), &child) {
+            let fd = match at::open_dir_at(cur.as_raw_fd(), &child) {
                 Ok(fd) => fd,
                 Err(e)
                     if matches!(
@@ -630,14 +597,14 @@ mod tests {
 
     /// Builds a chain `depth` deep under `dir` with `*at` calls (the path is far beyond PATH_MAX).
     fn deep_chain(dir: &Path, depth: usize) {
-        let mut cur = open_dir_at(libc::AT_FDCWD, &c(dir.as_os_str().as_bytes())).unwrap();
+        let mut cur = at::open_dir_at(libc::AT_FDCWD, &c(dir.as_os_str().as_bytes())).unwrap();
         for _ in 0..depth {
             // SAFETY: valid C string.
             assert_eq!(
                 unsafe { libc::mkdirat(cur.as_raw_fd(), c"dd".as_ptr(), 0o755) },
                 0
             );
-            cur = open_dir_at(cur.as_raw_fd(), c"dd").unwrap();
+            cur = at::open_dir_at(cur.as_raw_fd(), c"dd").unwrap();
         }
         std::fs::write(format!("/proc/self/fd/{}/leaf", cur.as_raw_fd()), b"x").unwrap();
     }

@@ -2,6 +2,10 @@
 //! `user.overlay.*` inside a user namespace (the kernel's `userxattr`).
 
 use std::ffi::CStr;
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::at::XattrTarget;
 
 /// Which xattr namespace a store's overlay markers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,6 +60,19 @@ impl XattrNs {
     }
 }
 
+/// Whether the open directory `fd` carries an opaque xattr (`y`) in either namespace: layers
+/// written as root and in a user namespace are read alike. An unset xattr or a filesystem
+/// without xattrs is not opaque.
+pub fn has_opaque_xattr(fd: RawFd) -> io::Result<bool> {
+    let t = XattrTarget::Fd(fd);
+    for x in OPAQUE_XATTRS {
+        if t.get(x)?.as_deref() == Some(b"y") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +85,21 @@ mod tests {
             assert_eq!(opaque, format!("{}.overlay.opaque", ns.as_str()));
         }
         assert_eq!(XattrNs::parse("security"), None);
+    }
+
+    #[test]
+    fn opaque_in_either_namespace() {
+        use std::os::fd::AsRawFd;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = std::fs::File::open(tmp.path()).unwrap();
+        assert!(!has_opaque_xattr(d.as_raw_fd()).unwrap());
+        let t = XattrTarget::Fd(d.as_raw_fd());
+        // Filesystems that refuse user xattrs cannot hold the marker; nothing more to check.
+        if t.set(c"user.overlay.opaque", b"n").is_err() {
+            return;
+        }
+        assert!(!has_opaque_xattr(d.as_raw_fd()).unwrap());
+        t.set(c"user.overlay.opaque", b"y").unwrap();
+        assert!(has_opaque_xattr(d.as_raw_fd()).unwrap());
     }
 }

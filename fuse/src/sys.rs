@@ -9,68 +9,19 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
-/// Converts a libc return value (-1 = error) into an `io::Result`.
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
+use cachedriver_common::at::check;
 
-fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
-}
-
-/// An `io::Error` from a raw errno value.
-pub fn errno(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(code)
-}
+/// The `*at`, fd and xattr wrappers the plugin's layer flattening uses too (one copy, in
+/// `cachedriver-common`).
+pub use cachedriver_common::at::{
+    empty_stat, errno, fchmod, fchmodat, fchown, fchownat, fstat, fstatat, futimens, getxattr,
+    linkat, listxattr, mkdirat, mknodat, openat, proc_path, readlinkat, removexattr, renameat2,
+    setxattr, symlinkat, unlinkat, utimensat,
+};
 
 /// Makes a C string from a name; a NUL byte inside is EINVAL.
 pub fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| errno(libc::EINVAL))
-}
-
-/// An all-zero `stat`, the starting value for the out-parameter.
-pub fn empty_stat() -> libc::stat {
-    // SAFETY: libc::stat is plain old data; all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
-}
-
-/// `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`.
-pub fn fstatat(dirfd: RawFd, name: &CStr) -> io::Result<libc::stat> {
-    let mut st = empty_stat();
-    // SAFETY: valid C string and out pointer.
-    check(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
-    Ok(st)
-}
-
-/// `fstat(fd)` (works on O_PATH fds too).
-pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    let mut st = empty_stat();
-    // SAFETY: out pointer is valid.
-    check(unsafe { libc::fstatat(fd, c"".as_ptr(), &mut st, libc::AT_EMPTY_PATH) })?;
-    Ok(st)
-}
-
-/// `openat(dirfd, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)`.
-pub fn openat(dirfd: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: valid C string.
-    let fd = check(unsafe {
-        libc::openat(
-            dirfd,
-            name.as_ptr(),
-            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: fd was just returned by openat and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    cachedriver_common::at::cname(name.as_bytes())
 }
 
 /// Opens a directory path below `root` without following any symlink and without leaving `root`.
@@ -98,7 +49,7 @@ pub fn open_dir_beneath(root: RawFd, path: &CStr) -> io::Result<OwnedFd> {
 
 /// Opens a directory read-only for listing, given an O_PATH fd of it.
 pub fn reopen_dir(fd: RawFd) -> io::Result<OwnedFd> {
-    openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+    cachedriver_common::at::open_dir_at(fd, c".")
 }
 
 /// Caps glibc's malloc arenas at two: each thread that allocates would otherwise get an arena of
@@ -121,106 +72,6 @@ pub fn reopen(fd: RawFd, flags: i32) -> io::Result<OwnedFd> {
     let fd = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, 0) })?;
     // SAFETY: fd was just returned by open and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `mkdirat`.
-pub fn mkdirat(dirfd: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: valid C string.
-    check(unsafe { libc::mkdirat(dirfd, name.as_ptr(), mode as libc::mode_t) }).map(drop)
-}
-
-/// `mknodat`.
-pub fn mknodat(dirfd: RawFd, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
-    // SAFETY: valid C string.
-    check(unsafe { libc::mknodat(dirfd, name.as_ptr(), mode as libc::mode_t, rdev) }).map(drop)
-}
-
-/// `symlinkat(target, dirfd, name)`.
-pub fn symlinkat(target: &CStr, dirfd: RawFd, name: &CStr) -> io::Result<()> {
-    // SAFETY: valid C strings.
-    check(unsafe { libc::symlinkat(target.as_ptr(), dirfd, name.as_ptr()) }).map(drop)
-}
-
-/// `readlinkat`.
-pub fn readlinkat(dirfd: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: buffer is valid for buf.len() bytes.
-    let n = check_size(unsafe {
-        libc::readlinkat(dirfd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-    })?;
-    buf.truncate(n);
-    Ok(buf)
-}
-
-/// `unlinkat`.
-pub fn unlinkat(dirfd: RawFd, name: &CStr, flags: i32) -> io::Result<()> {
-    // SAFETY: valid C string.
-    check(unsafe { libc::unlinkat(dirfd, name.as_ptr(), flags) }).map(drop)
-}
-
-/// `renameat2`.
-pub fn renameat2(
-    olddir: RawFd,
-    oldname: &CStr,
-    newdir: RawFd,
-    newname: &CStr,
-    flags: u32,
-) -> io::Result<()> {
-    // SAFETY: valid C strings.
-    check(unsafe { libc::renameat2(olddir, oldname.as_ptr(), newdir, newname.as_ptr(), flags) })
-        .map(drop)
-}
-
-/// `linkat` without following symlinks.
-pub fn linkat(olddir: RawFd, oldname: &CStr, newdir: RawFd, newname: &CStr) -> io::Result<()> {
-    // SAFETY: valid C strings.
-    check(unsafe { libc::linkat(olddir, oldname.as_ptr(), newdir, newname.as_ptr(), 0) }).map(drop)
-}
-
-/// `fchownat(.., AT_SYMLINK_NOFOLLOW)`; an empty name means the fd itself.
-pub fn fchownat(dirfd: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
-    let flags = if name.is_empty() {
-        libc::AT_EMPTY_PATH
-    } else {
-        libc::AT_SYMLINK_NOFOLLOW
-    };
-    // SAFETY: valid C string.
-    check(unsafe { libc::fchownat(dirfd, name.as_ptr(), uid, gid, flags) }).map(drop)
-}
-
-/// `fchmodat` (follows a final symlink; callers never pass one).
-pub fn fchmodat(dirfd: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: valid C string.
-    check(unsafe { libc::fchmodat(dirfd, name.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
-}
-
-/// `utimensat` with `flags`.
-pub fn utimensat(
-    dirfd: RawFd,
-    name: &CStr,
-    ts: &[libc::timespec; 2],
-    flags: i32,
-) -> io::Result<()> {
-    // SAFETY: valid C string and a two-element array.
-    check(unsafe { libc::utimensat(dirfd, name.as_ptr(), ts.as_ptr(), flags) }).map(drop)
-}
-
-/// `fchown` on an open fd.
-pub fn fchown(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    check(unsafe { libc::fchown(fd, uid, gid) }).map(drop)
-}
-
-/// `fchmod` on an open fd.
-pub fn fchmod(fd: RawFd, mode: u32) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    check(unsafe { libc::fchmod(fd, mode as libc::mode_t) }).map(drop)
-}
-
-/// `futimens` on an open fd.
-pub fn futimens(fd: RawFd, ts: &[libc::timespec; 2]) -> io::Result<()> {
-    // SAFETY: two-element array.
-    check(unsafe { libc::futimens(fd, ts.as_ptr()) }).map(drop)
 }
 
 /// `pread` until `buf` is full or EOF.
@@ -354,136 +205,8 @@ pub fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs> {
     Ok(st)
 }
 
-/// A path through `/proc/self/fd` naming `name` inside directory `dirfd` (or the fd itself when
-/// `name` is None). The xattr calls need paths because O_PATH fds refuse `f*xattr`.
-pub fn proc_path(fd: RawFd, name: Option<&CStr>) -> CString {
-    let mut p = format!("/proc/self/fd/{fd}").into_bytes();
-    if let Some(n) = name {
-        p.push(b'/');
-        p.extend_from_slice(n.to_bytes());
-    }
-    // A C string's bytes never hold a NUL, and the prefix has none either.
-    CString::new(p).unwrap_or_default()
-}
-
-/// Gets an xattr value. `follow` false uses the `l*` variant (the final component is not followed).
-pub fn getxattr(path: &CStr, name: &CStr, follow: bool) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: buffer valid for its length.
-        let n = unsafe {
-            if follow {
-                libc::getxattr(
-                    path.as_ptr(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            } else {
-                libc::lgetxattr(
-                    path.as_ptr(),
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            }
-        };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 20 {
-            let len = buf.len() * 4;
-            buf.resize(len, 0);
-            continue;
-        }
-        return Err(e);
-    }
-}
-
-/// Lists xattr names (NUL-separated raw list).
-pub fn listxattr(path: &CStr, follow: bool) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: buffer valid for its length.
-        let n = unsafe {
-            if follow {
-                libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            } else {
-                libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            }
-        };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 22 {
-            let len = buf.len() * 4;
-            buf.resize(len, 0);
-            continue;
-        }
-        return Err(e);
-    }
-}
-
-/// Sets an xattr.
-pub fn setxattr(
-    path: &CStr,
-    name: &CStr,
-    value: &[u8],
-    flags: i32,
-    follow: bool,
-) -> io::Result<()> {
-    // SAFETY: valid pointers and lengths.
-    check(unsafe {
-        if follow {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        } else {
-            libc::lsetxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        }
-    })
-    .map(drop)
-}
-
-/// Removes an xattr.
-pub fn removexattr(path: &CStr, name: &CStr, follow: bool) -> io::Result<()> {
-    // SAFETY: valid C strings.
-    check(unsafe {
-        if follow {
-            libc::removexattr(path.as_ptr(), name.as_ptr())
-        } else {
-            libc::lremovexattr(path.as_ptr(), name.as_ptr())
-        }
-    })
-    .map(drop)
-}
-
 /// Lists a directory's entries as (name, d_type), skipping `.` and `..`.
 pub use cachedriver_common::dir::list_dir;
 
-/// The current soft RLIMIT_NOFILE.
-pub fn nofile_limit() -> u64 {
-    // SAFETY: rlimit is plain old data.
-    unsafe {
-        let mut rl: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur
-        } else {
-            1024
-        }
-    }
-}
+/// The current soft RLIMIT_NOFILE (1024 if it cannot be read).
+pub use cachedriver_common::rlimit::nofile_soft as nofile_limit;

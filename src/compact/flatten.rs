@@ -18,9 +18,10 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use cachedriver_common::at::{self, XattrTarget};
+use cachedriver_common::xattr::has_opaque_xattr;
 use cachedriver_fuse::whiteout::{is_private_xattr, whiteout_target, OPAQUE_FILE, WH_PREFIX};
 
-use super::sys::{self, XattrTarget};
 use crate::error::{Error, Result};
 
 /// What a flattening did.
@@ -103,13 +104,10 @@ fn cpath(p: &Path) -> Result<CString> {
 }
 
 fn is_opaque(fd: RawFd) -> io::Result<bool> {
-    let t = XattrTarget::Fd(fd);
-    for x in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-        if t.get(x)?.as_deref() == Some(b"y") {
-            return Ok(true);
-        }
+    if has_opaque_xattr(fd)? {
+        return Ok(true);
     }
-    match sys::lstat_at(fd, &sys::cname(OPAQUE_FILE)?) {
+    match at::fstatat(fd, &at::cname(OPAQUE_FILE)?) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -120,7 +118,7 @@ fn classify(dirfd: RawFd, name: &[u8], dtype: u8) -> io::Result<Kind> {
     match dtype {
         libc::DT_DIR => Ok(Kind::Dir),
         libc::DT_CHR | libc::DT_UNKNOWN => {
-            let st = sys::lstat_at(dirfd, &sys::cname(name)?)?;
+            let st = at::fstatat(dirfd, &at::cname(name)?)?;
             Ok(match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => Kind::Dir,
                 libc::S_IFCHR if st.st_rdev == 0 => Kind::Whiteout,
@@ -141,7 +139,7 @@ fn merge(srcs: &[(usize, OwnedFd)]) -> std::result::Result<Listing, (usize, io::
     let mut list: Vec<(Vec<u8>, Entry)> = Vec::new();
     for (pos, (_, fd)) in srcs.iter().enumerate() {
         let fd = fd.as_raw_fd();
-        let names = sys::list_dir(fd).map_err(|e| (pos, e))?;
+        let names = at::list_dir_fd(fd).map_err(|e| (pos, e))?;
         // `.wh.NAME` hides NAME in the layers below this one, not this layer's own NAME.
         let mut hide_below: Vec<Vec<u8>> = Vec::new();
         for (name, dtype) in names {
@@ -240,16 +238,16 @@ impl Flattener<'_> {
             let (li, fd) = match parent {
                 Some(p) => {
                     let (li, pfd) = &p.srcs[pos];
-                    let c = sys::cname(name)
+                    let c = at::cname(name)
                         .map_err(|e| self.layer_err(*li, Some(name), "opening", e))?;
-                    let fd = sys::open_dir_at(pfd.as_raw_fd(), &c).map_err(|e| {
+                    let fd = at::open_dir_at(pfd.as_raw_fd(), &c).map_err(|e| {
                         self.layer_err(*li, Some(name), "opening directory to compact", e)
                     })?;
                     (*li, fd)
                 }
                 None => {
                     let dir = &self.layers[pos].1;
-                    let fd = sys::open_dir_at(libc::AT_FDCWD, &cpath(dir)?).map_err(|e| {
+                    let fd = at::open_dir_at(libc::AT_FDCWD, &cpath(dir)?).map_err(|e| {
                         Error::io("opening layer to compact (missing or unreadable?)", dir, e)
                     })?;
                     (pos, fd)
@@ -282,7 +280,7 @@ impl Flattener<'_> {
                 "compaction: a directory without sources".into(),
             ));
         };
-        let attrs = sys::fstat(fd0.as_raw_fd())
+        let attrs = at::fstat(fd0.as_raw_fd())
             .map_err(|e| self.layer_err(*li0, rel, "inspecting directory", e))?;
         let entries = match merge(&srcs) {
             Ok(e) => e,
@@ -304,7 +302,7 @@ impl Flattener<'_> {
     }
 
     fn run(&mut self, out: &Path) -> Result<Stats> {
-        let root_out = sys::open_dir_at(libc::AT_FDCWD, &cpath(out)?)
+        let root_out = at::open_dir_at(libc::AT_FDCWD, &cpath(out)?)
             .map_err(|e| Error::io("opening new layer", out, e))?;
         let all: Vec<usize> = (0..self.layers.len()).collect();
         let srcs = self.open_sources(None, b"", &all)?;
@@ -323,12 +321,12 @@ impl Flattener<'_> {
                 Entry::Hidden => {}
                 Entry::NonDir(pos) => self.link(pos, &name, out)?,
                 Entry::Dir(positions, _) => {
-                    let c = sys::cname(&name)
+                    let c = at::cname(&name)
                         .map_err(|e| self.out_err(out, Some(&name), "naming", e))?;
                     let parent = self.top()?;
-                    sys::mkdir_at(parent.out.as_raw_fd(), &c, 0o700)
+                    at::mkdirat(parent.out.as_raw_fd(), &c, 0o700)
                         .map_err(|e| self.out_err(out, Some(&name), "creating directory", e))?;
-                    let child_out = sys::open_dir_at(parent.out.as_raw_fd(), &c)
+                    let child_out = at::open_dir_at(parent.out.as_raw_fd(), &c)
                         .map_err(|e| self.out_err(out, Some(&name), "opening new directory", e))?;
                     let srcs = self.open_sources(Some(parent), &name, &positions)?;
                     self.stats.entries += 1;
@@ -355,7 +353,7 @@ impl Flattener<'_> {
         let oerr = |what, e| self.out_err(out, name, what, e);
         let st = &f.attrs;
         let o = f.out.as_raw_fd();
-        sys::fchown(o, st.st_uid, st.st_gid).map_err(|e| oerr("setting owner", e))?;
+        at::fchown(o, st.st_uid, st.st_gid).map_err(|e| oerr("setting owner", e))?;
         copy_xattrs(&XattrTarget::Fd(src.as_raw_fd()), &XattrTarget::Fd(o)).map_err(
             |(from, e)| {
                 if from {
@@ -365,8 +363,8 @@ impl Flattener<'_> {
                 }
             },
         )?;
-        sys::fchmod(o, st.st_mode & 0o7777).map_err(|e| oerr("setting mode", e))?;
-        sys::futimens(o, st).map_err(|e| oerr("setting times", e))?;
+        at::fchmod(o, st.st_mode & 0o7777).map_err(|e| oerr("setting mode", e))?;
+        at::futimens(o, &at::times(st)).map_err(|e| oerr("setting times", e))?;
         Ok(())
     }
 
@@ -375,7 +373,7 @@ impl Flattener<'_> {
         let top = self.top()?;
         let (li, src) = &top.srcs[pos];
         let li = *li;
-        let c = sys::cname(name).map_err(|e| self.layer_err(li, Some(name), "naming", e))?;
+        let c = at::cname(name).map_err(|e| self.layer_err(li, Some(name), "naming", e))?;
         #[cfg(test)]
         let forced = FORCE_COPY.with(|f| f.get());
         #[cfg(not(test))]
@@ -383,7 +381,7 @@ impl Flattener<'_> {
         let r = if forced {
             Err(io::Error::from_raw_os_error(libc::EMLINK))
         } else {
-            sys::link_at(src.as_raw_fd(), &c, top.out.as_raw_fd(), &c)
+            at::linkat(src.as_raw_fd(), &c, top.out.as_raw_fd(), &c)
         };
         self.stats.entries += 1;
         match r {
@@ -401,7 +399,7 @@ impl Flattener<'_> {
         let (li, src) = &top.srcs[pos];
         let (li, sfd, ofd) = (*li, src.as_raw_fd(), top.out.as_raw_fd());
         let st =
-            sys::lstat_at(sfd, c).map_err(|e| self.layer_err(li, Some(name), "inspecting", e))?;
+            at::fstatat(sfd, c).map_err(|e| self.layer_err(li, Some(name), "inspecting", e))?;
         let key = (st.st_dev, st.st_ino);
         let rel = {
             use std::os::unix::ffi::OsStrExt;
@@ -409,8 +407,8 @@ impl Flattener<'_> {
         };
         if let Some(first) = self.copies.get(&key) {
             let root = self.stack[0].out.as_raw_fd();
-            if let Ok(fc) = sys::cname(first) {
-                if sys::link_at(root, &fc, ofd, c).is_ok() {
+            if let Ok(fc) = at::cname(first) {
+                if at::linkat(root, &fc, ofd, c).is_ok() {
                     return Ok(());
                 }
             }
@@ -459,37 +457,34 @@ fn copy_entry(
     let perm = st.st_mode & 0o7777;
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => {
-            let s = sys::open_file_at(sfd, c, libc::O_RDONLY, 0).map_err(|e| (true, e))?;
-            let d = sys::open_file_at(ofd, c, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
+            let s = at::openat(sfd, c, libc::O_RDONLY, 0).map_err(|e| (true, e))?;
+            let d = at::openat(ofd, c, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)
                 .map_err(|e| (false, e))?;
             let mut sf = std::fs::File::from(s);
             let mut df = std::fs::File::from(d);
             std::io::copy(&mut sf, &mut df).map_err(|e| (false, e))?;
             let (s, d) = (sf.as_raw_fd(), df.as_raw_fd());
-            sys::fchown(d, st.st_uid, st.st_gid).map_err(|e| (false, e))?;
+            at::fchown(d, st.st_uid, st.st_gid).map_err(|e| (false, e))?;
             copy_xattrs(&XattrTarget::Fd(s), &XattrTarget::Fd(d))?;
-            sys::fchmod(d, perm).map_err(|e| (false, e))?;
-            sys::futimens(d, st).map_err(|e| (false, e))?;
+            at::fchmod(d, perm).map_err(|e| (false, e))?;
+            at::futimens(d, &at::times(st)).map_err(|e| (false, e))?;
             return Ok(());
         }
         libc::S_IFLNK => {
-            let target = sys::readlink_at(sfd, c).map_err(|e| (true, e))?;
+            let target = at::readlinkat(sfd, c).map_err(|e| (true, e))?;
             let t = CString::new(target)
                 .map_err(|_| (true, io::Error::from_raw_os_error(libc::EINVAL)))?;
-            sys::symlink_at(&t, ofd, c).map_err(|e| (false, e))?;
+            at::symlinkat(&t, ofd, c).map_err(|e| (false, e))?;
         }
         fmt => {
-            sys::mknod_at(ofd, c, fmt | 0o600, st.st_rdev).map_err(|e| (false, e))?;
+            at::mknodat(ofd, c, fmt | 0o600, st.st_rdev).map_err(|e| (false, e))?;
         }
     }
-    sys::lchown_at(ofd, c, st.st_uid, st.st_gid).map_err(|e| (false, e))?;
+    at::fchownat(ofd, c, st.st_uid, st.st_gid).map_err(|e| (false, e))?;
     copy_xattrs(&XattrTarget::At(sfd, c), &XattrTarget::At(ofd, c))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-        // SAFETY: valid C string; the entry was just made by us and is not a symlink.
-        let r = unsafe { libc::fchmodat(ofd, c.as_ptr(), perm as libc::mode_t, 0) };
-        if r < 0 {
-            return Err((false, io::Error::last_os_error()));
-        }
+        // The entry was just made by us and is not a symlink (fchmodat would follow one).
+        at::fchmodat(ofd, c, perm).map_err(|e| (false, e))?;
     }
-    sys::lutimens_at(ofd, c, st).map_err(|e| (false, e))
+    at::utimensat(ofd, c, &at::times(st), libc::AT_SYMLINK_NOFOLLOW).map_err(|e| (false, e))
 }

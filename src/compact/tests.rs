@@ -6,6 +6,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use cachedriver_common::at;
+
 use super::*;
 use crate::state::{CacheState, XattrNs};
 
@@ -92,18 +94,13 @@ fn whiteout(p: &Path) {
 fn set_xattr(p: &Path, name: &str, v: &[u8]) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} on {}", p.display());
+    at::setxattr(&c, &n, v, 0, false)
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }
 
 fn xattrs(p: &Path) -> Vec<String> {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid buffer.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n >= 0);
-    buf.truncate(n as usize);
+    let buf = at::listxattr(&c, false).unwrap();
     let mut v: Vec<String> = buf
         .split(|b| *b == 0)
         .filter(|n| !n.is_empty())
@@ -536,16 +533,16 @@ fn depth_bound_keeps_the_top_half() {
 /// Makes `depth` nested dirs named `d` under `root` through dir fds (the path is far beyond
 /// PATH_MAX), with a file at the bottom.
 fn make_deep(root: &Path, depth: usize) {
-    let mut fd = sys::open_dir_at(
+    let mut fd = at::open_dir_at(
         libc::AT_FDCWD,
         &CString::new(root.as_os_str().as_bytes()).unwrap(),
     )
     .unwrap();
     for _ in 0..depth {
-        sys::mkdir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d", 0o755).unwrap();
-        fd = sys::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d").unwrap();
+        at::mkdirat(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d", 0o755).unwrap();
+        fd = at::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d").unwrap();
     }
-    let f = sys::open_file_at(
+    let f = at::openat(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         c"bottom",
         libc::O_CREAT | libc::O_WRONLY,
@@ -556,17 +553,17 @@ fn make_deep(root: &Path, depth: usize) {
 }
 
 fn deep_len(root: &Path) -> (usize, bool) {
-    let mut fd = sys::open_dir_at(
+    let mut fd = at::open_dir_at(
         libc::AT_FDCWD,
         &CString::new(root.as_os_str().as_bytes()).unwrap(),
     )
     .unwrap();
     let mut n = 0;
-    while let Ok(next) = sys::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d") {
+    while let Ok(next) = at::open_dir_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"d") {
         fd = next;
         n += 1;
     }
-    let bottom = sys::lstat_at(std::os::fd::AsRawFd::as_raw_fd(&fd), c"bottom").is_ok();
+    let bottom = at::fstatat(std::os::fd::AsRawFd::as_raw_fd(&fd), c"bottom").is_ok();
     (n, bottom)
 }
 

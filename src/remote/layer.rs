@@ -21,10 +21,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
+use cachedriver_common::at::{self, XattrTarget};
+use cachedriver_common::xattr::has_opaque_xattr;
 use cachedriver_fuse::whiteout::{is_private_xattr, is_whiteout, OPAQUE_FILE, WH_PREFIX};
 use sha2::{Digest, Sha256};
 
-use crate::compact::sys::{self, XattrTarget};
 use crate::error::{Error, Result};
 use crate::state::XattrNs;
 
@@ -174,23 +175,13 @@ fn user_xattrs(t: &XattrTarget<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
             );
             continue;
         };
-        let c = sys::cname(name)?;
+        let c = at::cname(name)?;
         if let Some(v) = t.get(&c)? {
             out.push((format!("SCHILY.xattr.{s}"), v));
         }
     }
     out.sort();
     Ok(out)
-}
-
-fn is_opaque_dir(fd: RawFd) -> io::Result<bool> {
-    let t = XattrTarget::Fd(fd);
-    for x in cachedriver_common::xattr::OPAQUE_XATTRS {
-        if t.get(x)?.as_deref() == Some(b"y") {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 fn append_pax<W: Write>(b: &mut tar::Builder<W>, pax: &[(String, Vec<u8>)]) -> io::Result<()> {
@@ -250,13 +241,13 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
     let c = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // The layer dir itself is ours (under lower/<cache>/); nothing below it is followed.
-    let root = sys::open_dir_at(libc::AT_FDCWD, &c)?;
-    let st = sys::fstat(root.as_raw_fd())?;
+    let root = at::open_dir_at(libc::AT_FDCWD, &c)?;
+    let st = at::fstat(root.as_raw_fd())?;
     let mut count = 1u64;
     append_pax(b, &user_xattrs(&XattrTarget::Fd(root.as_raw_fd()))?)?;
     let mut h = header(&st, tar::EntryType::Directory);
     b.append_data(&mut h, "./", io::empty())?;
-    if is_opaque_dir(root.as_raw_fd())? {
+    if has_opaque_xattr(root.as_raw_fd())? {
         // A bottom layer's root is never opaque in practice; keep the marker if it is.
         let mut h = header(&st, tar::EntryType::Regular);
         h.set_mode(0o644);
@@ -275,8 +266,8 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
         let dfd = top.fd.as_raw_fd();
         let mut rel = top.rel.clone();
         rel.extend_from_slice(&name);
-        let cn = sys::cname(&name)?;
-        let st = match sys::lstat_at(dfd, &cn) {
+        let cn = at::cname(&name)?;
+        let st = match at::fstatat(dfd, &cn) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
@@ -285,13 +276,13 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
         count += 1;
         match fmt {
             libc::S_IFDIR => {
-                let fd = sys::open_dir_at(dfd, &cn)?;
+                let fd = at::open_dir_at(dfd, &cn)?;
                 append_pax(b, &user_xattrs(&XattrTarget::Fd(fd.as_raw_fd()))?)?;
                 let mut h = header(&st, tar::EntryType::Directory);
                 let mut p = rel.clone();
                 p.push(b'/');
                 b.append_data(&mut h, os_path(&p), io::empty())?;
-                if is_opaque_dir(fd.as_raw_fd())? && stack.len() < MAX_DEPTH {
+                if has_opaque_xattr(fd.as_raw_fd())? && stack.len() < MAX_DEPTH {
                     let mut h = header(&st, tar::EntryType::Regular);
                     h.set_mode(0o644);
                     let mut m = p.clone();
@@ -323,7 +314,7 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
                 b.append_data(&mut h, os_path(&rel), io::empty())?;
             }
             libc::S_IFLNK => {
-                let target = sys::readlink_at(dfd, &cn)?;
+                let target = at::readlinkat(dfd, &cn)?;
                 let mut h = header(&st, tar::EntryType::Symlink);
                 b.append_link(&mut h, os_path(&rel), os_path(&target))?;
             }
@@ -337,7 +328,7 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
                     }
                     links.insert(key, rel.clone());
                 }
-                let fd = sys::open_file_at(dfd, &cn, libc::O_RDONLY, 0)?;
+                let fd = at::openat(dfd, &cn, libc::O_RDONLY, 0)?;
                 append_pax(b, &user_xattrs(&XattrTarget::Fd(fd.as_raw_fd()))?)?;
                 let mut h = header(&st, tar::EntryType::Regular);
                 h.set_size(st.st_size as u64);
@@ -357,7 +348,7 @@ fn write_entries<W: Write>(b: &mut tar::Builder<W>, dir: &Path) -> io::Result<u6
 }
 
 fn frame(rel: Vec<u8>, fd: OwnedFd) -> io::Result<ExportFrame> {
-    let mut names: Vec<Vec<u8>> = sys::list_dir(fd.as_raw_fd())?
+    let mut names: Vec<Vec<u8>> = at::list_dir_fd(fd.as_raw_fd())?
         .into_iter()
         .map(|(n, _)| n)
         .filter(|n| n != b"." && n != b"..")
@@ -459,11 +450,11 @@ impl Importer {
                 .as_ref()
                 .map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
             let cn = cstr(c)?;
-            let fd = match sys::open_dir_at(dfd, &cn) {
+            let fd = match at::open_dir_at(dfd, &cn) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    sys::mkdir_at(dfd, &cn, 0o755).map_err(ioe("creating dir", &key))?;
-                    sys::open_dir_at(dfd, &cn).map_err(ioe("opening dir", &key))?
+                    at::mkdirat(dfd, &cn, 0o755).map_err(ioe("creating dir", &key))?;
+                    at::open_dir_at(dfd, &cn).map_err(ioe("opening dir", &key))?
                 }
                 // A symlink or a file where a dir is needed: never followed.
                 Err(e) => {
@@ -477,7 +468,7 @@ impl Importer {
         }
         let fd = match cur {
             Some(fd) => fd,
-            None => sys::open_dir_at(self.root.as_raw_fd(), c".").map_err(ioe("opening", b"."))?,
+            None => at::open_dir_at(self.root.as_raw_fd(), c".").map_err(ioe("opening", b"."))?,
         };
         let raw = fd.as_raw_fd();
         self.cached = Some((key, fd));
@@ -486,18 +477,13 @@ impl Importer {
 
     /// Removes a non-directory already at `name` (a later tar entry replaces an earlier one).
     fn clear(dfd: RawFd, name: &CStr, rel: &[u8]) -> Result<()> {
-        match sys::lstat_at(dfd, name) {
+        match at::fstatat(dfd, name) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => Err(remote_err(format!(
                 "layer tar entry {:?} replaces a directory",
                 String::from_utf8_lossy(rel)
             ))),
-            Ok(_) => {
-                // SAFETY: valid C string; unlinkat never follows the name.
-                if unsafe { libc::unlinkat(dfd, name.as_ptr(), 0) } < 0 {
-                    return Err(ioe("replacing", rel)(io::Error::last_os_error()));
-                }
-                Ok(())
-            }
+            // unlinkat never follows the name.
+            Ok(_) => at::unlinkat(dfd, name, 0).map_err(ioe("replacing", rel)),
             Err(_) => Ok(()),
         }
     }
@@ -550,23 +536,23 @@ impl Importer {
             }
             let cn = cstr(target)?;
             Self::clear(dfd, &cn, &path)?;
-            sys::mknod_at(dfd, &cn, libc::S_IFCHR | 0o600, 0).map_err(ioe("whiteout", &path))?;
-            sys::lchown_at(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
+            at::mknodat(dfd, &cn, libc::S_IFCHR | 0o600, 0).map_err(ioe("whiteout", &path))?;
+            at::fchownat(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
             return Ok(true);
         }
         let cn = cstr(name)?;
         use tar::EntryType as T;
         match kind {
             T::Directory => {
-                match sys::lstat_at(dfd, &cn) {
+                match at::fstatat(dfd, &cn) {
                     Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
                     Ok(_) => {
                         Self::clear(dfd, &cn, &path)?;
-                        sys::mkdir_at(dfd, &cn, 0o700).map_err(ioe("mkdir", &path))?;
+                        at::mkdirat(dfd, &cn, 0o700).map_err(ioe("mkdir", &path))?;
                     }
-                    Err(_) => sys::mkdir_at(dfd, &cn, 0o700).map_err(ioe("mkdir", &path))?,
+                    Err(_) => at::mkdirat(dfd, &cn, 0o700).map_err(ioe("mkdir", &path))?,
                 }
-                let fd = sys::open_dir_at(dfd, &cn).map_err(ioe("opening", &path))?;
+                let fd = at::open_dir_at(dfd, &cn).map_err(ioe("opening", &path))?;
                 set_xattrs(fd.as_raw_fd(), &xattrs, &path)?;
                 let rel = comps.join(&b'/');
                 self.dirs.push((rel, mode, uid, gid, mtime));
@@ -579,7 +565,7 @@ impl Importer {
                     )));
                 }
                 Self::clear(dfd, &cn, &path)?;
-                let fd = sys::open_file_at(
+                let fd = at::openat(
                     dfd,
                     &cn,
                     libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
@@ -590,9 +576,9 @@ impl Importer {
                 io::copy(e, &mut f).map_err(ioe("writing", &path))?;
                 let fd = f.as_raw_fd();
                 set_xattrs(fd, &xattrs, &path)?;
-                sys::fchown(fd, uid, gid).map_err(ioe("chown", &path))?;
-                sys::fchmod(fd, mode).map_err(ioe("chmod", &path))?;
-                sys::futimens(fd, &stat_times(mtime)).map_err(ioe("utimens", &path))?;
+                at::fchown(fd, uid, gid).map_err(ioe("chown", &path))?;
+                at::fchmod(fd, mode).map_err(ioe("chmod", &path))?;
+                at::futimens(fd, &stat_times(mtime)).map_err(ioe("utimens", &path))?;
             }
             T::Symlink => {
                 let target = e
@@ -607,9 +593,10 @@ impl Importer {
                 }
                 // The target is stored, never followed by us (every open here is O_NOFOLLOW).
                 Self::clear(dfd, &cn, &path)?;
-                sys::symlink_at(&cstr(&target)?, dfd, &cn).map_err(ioe("symlink", &path))?;
-                sys::lchown_at(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
-                sys::lutimens_at(dfd, &cn, &stat_times(mtime)).map_err(ioe("utimens", &path))?;
+                at::symlinkat(&cstr(&target)?, dfd, &cn).map_err(ioe("symlink", &path))?;
+                at::fchownat(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
+                at::utimensat(dfd, &cn, &stat_times(mtime), libc::AT_SYMLINK_NOFOLLOW)
+                    .map_err(ioe("utimens", &path))?;
             }
             T::Link => {
                 let target = e
@@ -629,7 +616,7 @@ impl Importer {
                 let tname = cstr(tname)?;
                 // Opens the target's parent without creating anything: it must already exist.
                 let tparent = self.open_existing(tparents, &target)?;
-                let st = sys::lstat_at(tparent.as_raw_fd(), &tname).map_err(|_| {
+                let st = at::fstatat(tparent.as_raw_fd(), &tname).map_err(|_| {
                     remote_err(format!(
                         "layer tar hard link {:?} names {:?}, which is not an earlier entry of the layer",
                         String::from_utf8_lossy(&path),
@@ -641,20 +628,16 @@ impl Importer {
                 }
                 let dfd = self.open_dir(parents)?;
                 Self::clear(dfd, &cn, &path)?;
-                sys::link_at(tparent.as_raw_fd(), &tname, dfd, &cn)
-                    .map_err(ioe("linking", &path))?;
+                at::linkat(tparent.as_raw_fd(), &tname, dfd, &cn).map_err(ioe("linking", &path))?;
             }
             T::Fifo => {
                 Self::clear(dfd, &cn, &path)?;
-                sys::mknod_at(dfd, &cn, libc::S_IFIFO | 0o600, 0).map_err(ioe("mkfifo", &path))?;
-                sys::lchown_at(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
-                // fchmodat never follows: the fifo is what we just made.
-                let cmode = mode as libc::mode_t;
-                // SAFETY: valid C string.
-                if unsafe { libc::fchmodat(dfd, cn.as_ptr(), cmode, 0) } < 0 {
-                    return Err(ioe("chmod", &path)(io::Error::last_os_error()));
-                }
-                sys::lutimens_at(dfd, &cn, &stat_times(mtime)).map_err(ioe("utimens", &path))?;
+                at::mknodat(dfd, &cn, libc::S_IFIFO | 0o600, 0).map_err(ioe("mkfifo", &path))?;
+                at::fchownat(dfd, &cn, uid, gid).map_err(ioe("chown", &path))?;
+                // fchmodat follows a symlink, but the fifo is what we just made.
+                at::fchmodat(dfd, &cn, mode).map_err(ioe("chmod", &path))?;
+                at::utimensat(dfd, &cn, &stat_times(mtime), libc::AT_SYMLINK_NOFOLLOW)
+                    .map_err(ioe("utimens", &path))?;
             }
             T::Char | T::Block => {
                 return Err(remote_err(format!(
@@ -674,10 +657,9 @@ impl Importer {
     }
 
     fn open_existing(&self, comps: &[&[u8]], whole: &[u8]) -> Result<OwnedFd> {
-        let mut cur =
-            sys::open_dir_at(self.root.as_raw_fd(), c".").map_err(ioe("opening", b"."))?;
+        let mut cur = at::open_dir_at(self.root.as_raw_fd(), c".").map_err(ioe("opening", b"."))?;
         for c in comps {
-            cur = sys::open_dir_at(cur.as_raw_fd(), &cstr(c)?).map_err(|_| {
+            cur = at::open_dir_at(cur.as_raw_fd(), &cstr(c)?).map_err(|_| {
                 remote_err(format!(
                     "layer tar hard link target {:?} is not inside the layer",
                     String::from_utf8_lossy(whole)
@@ -700,9 +682,9 @@ impl Importer {
             };
             let fd = self.open_existing(&comps, &rel)?;
             let fd = fd.as_raw_fd();
-            sys::fchown(fd, uid, gid).map_err(ioe("chown", &rel))?;
-            sys::fchmod(fd, mode).map_err(ioe("chmod", &rel))?;
-            sys::futimens(fd, &stat_times(mtime)).map_err(ioe("utimens", &rel))?;
+            at::fchown(fd, uid, gid).map_err(ioe("chown", &rel))?;
+            at::fchmod(fd, mode).map_err(ioe("chmod", &rel))?;
+            at::futimens(fd, &stat_times(mtime)).map_err(ioe("utimens", &rel))?;
         }
         Ok(())
     }
@@ -717,12 +699,12 @@ fn set_xattrs(fd: RawFd, xattrs: &[(CString, Vec<u8>)], path: &[u8]) -> Result<(
     Ok(())
 }
 
-fn stat_times(mtime: u64) -> libc::stat {
-    // SAFETY: stat is plain old data.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    st.st_atime = mtime as libc::time_t;
-    st.st_mtime = mtime as libc::time_t;
-    st
+fn stat_times(mtime: u64) -> [libc::timespec; 2] {
+    let t = libc::timespec {
+        tv_sec: mtime as libc::time_t,
+        tv_nsec: 0,
+    };
+    [t, t]
 }
 
 /// The decompressing reader for a blob of `media_type`, sniffing the magic when the type says
@@ -774,7 +756,7 @@ pub fn import_from<R: io::BufRead>(
 ) -> Result<ImportStats> {
     let c = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dest.as_os_str()))
         .map_err(|_| remote_err("destination path holds NUL"))?;
-    let root = sys::open_dir_at(libc::AT_FDCWD, &c).map_err(|e| Error::io("opening", dest, e))?;
+    let root = at::open_dir_at(libc::AT_FDCWD, &c).map_err(|e| Error::io("opening", dest, e))?;
     let mut hashed = HashReader::new(decompressor(r, media_type)?);
     let mut stats = ImportStats::default();
     {
@@ -805,6 +787,5 @@ pub fn import_from<R: io::BufRead>(
 
 /// Opens `dest`'s filesystem and flushes it (one `syncfs` for all the files just written).
 pub fn sync_tree(dest: &Path) -> Result<()> {
-    let f = std::fs::File::open(dest).map_err(|e| Error::io("opening", dest, e))?;
-    sys::syncfs(f.as_raw_fd()).map_err(|e| Error::io("syncfs", dest, e))
+    crate::fsutil::syncfs(dest)
 }

@@ -139,7 +139,7 @@ fn whiteouts_and_opaque_markers_become_overlay_format() {
     let m = fs::symlink_metadata(d.join("gone")).unwrap();
     assert_eq!(m.mode() & libc::S_IFMT, libc::S_IFCHR);
     assert_eq!(m.rdev(), 0);
-    let v = sys::XattrTarget::Fd(std::os::fd::AsRawFd::as_raw_fd(
+    let v = at::XattrTarget::Fd(std::os::fd::AsRawFd::as_raw_fd(
         &fs::File::open(&d).unwrap(),
     ))
     .get(c"user.overlay.opaque")
@@ -148,7 +148,7 @@ fn whiteouts_and_opaque_markers_become_overlay_format() {
     assert_eq!(names_under(&d), ["f", "gone"]);
 }
 
-use crate::compact::sys;
+use cachedriver_common::at;
 
 #[test]
 fn export_import_round_trip_is_deterministic() {
@@ -158,7 +158,7 @@ fn export_import_round_trip_is_deterministic() {
     fs::write(src.join("a/b/f"), b"content").unwrap();
     fs::hard_link(src.join("a/b/f"), src.join("a/g")).unwrap();
     std::os::unix::fs::symlink("b/f", src.join("a/s")).unwrap();
-    sys::mknod_at(
+    at::mknodat(
         std::os::fd::AsRawFd::as_raw_fd(&fs::File::open(src.join("a")).unwrap()),
         c"wh",
         libc::S_IFCHR | 0o600,

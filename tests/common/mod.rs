@@ -15,47 +15,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// True under CI: a test that cannot run here must fail instead of skipping.
-pub fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
+// The skip-or-fail probe (strict, skip, exe, is_root, backends) has one home.
+#[path = "../support/probe.rs"]
+mod probe;
 
-/// Says loudly why a test cannot run here; fails under CI.
-pub fn skip(test: &str, why: &str) {
-    let msg = format!("{test}: SKIPPED: {why}");
-    assert!(!strict(), "{msg} (CI requires it to run)");
-    eprintln!("\n*** {msg} ***\n");
-}
+// Each test binary uses its own subset.
+#[allow(unused_imports)]
+pub use probe::{exe, is_root, skip, strict};
 
-/// The binary under test.
-pub fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
-/// True when running as root (every test here mounts).
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// The backends that work here (`kernel`, `fuse`), loud (fatal under CI) about the others.
+/// The backends that work here, by name (`kernel`, `fuse`), loud (fatal under CI) about the
+/// others.
 pub fn backends(test: &str) -> Vec<&'static str> {
-    if !is_root() {
-        skip(test, "mounting overlays needs root");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    match &report.kernel {
-        Ok(()) => out.push("kernel"),
-        Err(e) => skip(test, &format!("kernel backend unavailable: {e}")),
-    }
-    match &report.fuse {
-        Ok(()) => out.push("fuse"),
-        Err(e) => skip(test, &format!("fuse backend unavailable: {e}")),
-    }
-    out
+    probe::backends(test)
+        .into_iter()
+        .map(|k| k.as_str())
+        .collect()
 }
 
 /// One HTTP request over the plugin's socket, as Docker sends it (POST, no Content-Type).
@@ -619,17 +593,9 @@ fn is_opaque(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
+    cachedriver_common::xattr::OPAQUE_XATTRS
         .iter()
-        .any(|name| {
-            let n = std::ffi::CString::new(*name).expect("xattr name");
-            let mut buf = [0u8; 4];
-            // SAFETY: both strings are NUL-terminated and buf is large enough for the length given.
-            let r = unsafe {
-                libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            r == 1 && buf[0] == b'y'
-        })
+        .any(|name| cachedriver_common::at::getxattr(&c, name, false).is_ok_and(|v| v == b"y"))
         || dir.join(".wh..wh..opq").exists()
 }
 

@@ -64,12 +64,8 @@ impl Run {
 pub fn in_userns() -> bool {
     static CACHE: OnceLock<bool> = OnceLock::new();
     *CACHE.get_or_init(|| {
-        if std::env::var_os("CONFORMANCE_USERNS").is_some() {
-            return true;
-        }
-        let map = fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-        let fields: Vec<&str> = map.split_whitespace().collect();
-        fields != ["0", "0", "4294967295"]
+        std::env::var_os("CONFORMANCE_USERNS").is_some()
+            || cachedriver_common::userns::in_user_namespace()
     })
 }
 
@@ -79,22 +75,13 @@ pub fn overlay_xattr(name: &str) -> String {
     format!("{ns}.overlay.{name}")
 }
 
-fn require_all() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL")
-            .map(|v| v == "1")
-            .unwrap_or(false)
-}
-
 /// Reports a test that cannot run here, loudly. With `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` it fails.
 pub fn skip(test: &str, backend: Backend, why: &str) {
     eprintln!(
         "\n******** SKIPPED {test} [{}]: {why} ********\n",
         backend.name()
     );
-    if require_all() {
+    if crate::probe::strict() {
         panic!("{test} [{}] could not run ({why}) and CI=true / CACHEDRIVER_REQUIRE_ALL=1 forbids skips", backend.name());
     }
 }
@@ -707,68 +694,7 @@ pub fn is_whiteout(p: impl AsRef<Path>) -> bool {
     }
 }
 
-pub fn setxattr(p: impl AsRef<Path>, name: &str, value: &[u8]) -> io::Result<()> {
-    let p = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated strings and a valid buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-pub fn getxattr(p: impl AsRef<Path>, name: &str) -> io::Result<Vec<u8>> {
-    let p = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid strings; buffer of the stated size.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-pub fn listxattr(p: impl AsRef<Path>) -> io::Result<Vec<String>> {
-    let p = cstr(p.as_ref());
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid string; buffer of the stated size.
-    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    let mut names: Vec<String> = buf
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    names.sort();
-    Ok(names)
-}
-
-pub fn removexattr(p: impl AsRef<Path>, name: &str) -> io::Result<()> {
-    let p = cstr(p.as_ref());
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated strings.
-    let r = unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+pub use crate::xattr_io::{getxattr, listxattr, removexattr, setxattr};
 
 /// Directory entry names through `getdents64` (nix `Dir`), including `.` and `..`, in the order returned.
 pub fn raw_names(p: impl AsRef<Path>) -> Vec<String> {

@@ -23,8 +23,7 @@ fn base_dir() -> PathBuf {
 
 /// Whether the suite must run (CI): then every reason to skip is a failure.
 pub fn required() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
+    crate::probe::strict()
 }
 
 /// The outcome of checking preconditions.

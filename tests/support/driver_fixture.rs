@@ -1,6 +1,8 @@
 //! A driver over a temp root on every backend that works here, for integration tests
-//! (`#[path = "support/driver_fixture.rs"] mod driver_fixture;`). Without root or a backend the
-//! tests say so loudly, and under `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` that is a failure.
+//! (`#[path = "support/driver_fixture.rs"] mod driver_fixture;`), with the helpers around it:
+//! the skip-or-fail probe (re-exported from `probe.rs`: without root or a backend the tests say
+//! so loudly, and under `CI=true` or `CACHEDRIVER_REQUIRE_ALL=1` that is a failure), the
+//! unmount-everything drop guard, a stand-in container, and a snapshot of a root's records.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -12,48 +14,15 @@ use cachedriver::driver::{Config, Driver};
 use cachedriver::names::CommitMode;
 use cachedriver::store::Store;
 
-/// Whether a test that cannot run must fail instead of skipping.
-pub fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("CACHEDRIVER_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
+#[path = "probe.rs"]
+mod probe;
+#[path = "unmount.rs"]
+mod unmount;
 
-/// Fails under [`strict`], else says loudly that `what` is skipped and why.
-pub fn skip(what: &str, why: &str) {
-    let msg = format!("{what}: SKIPPED: {why}");
-    assert!(!strict(), "{msg} (required here)");
-    eprintln!("\n*** {msg} ***\n");
-}
-
-/// Our binary (serves FUSE mounts).
-pub fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cachedriver"))
-}
-
-/// Whether we run as root.
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Backends usable here; loud (or fatal under CI) about the ones that are not.
-pub fn backends(test: &str) -> Vec<BackendKind> {
-    if !is_root() {
-        skip(test, "mounting overlays needs root");
-        return vec![];
-    }
-    let probe_root = tempfile::tempdir().expect("tempdir");
-    let report = cachedriver::probe::probe(probe_root.path(), &exe());
-    let mut out = vec![];
-    match &report.kernel {
-        Ok(()) => out.push(BackendKind::Kernel),
-        Err(e) => skip(&format!("{test} (kernel backend)"), e),
-    }
-    match &report.fuse {
-        Ok(()) => out.push(BackendKind::Fuse),
-        Err(e) => skip(&format!("{test} (fuse backend)"), e),
-    }
-    out
-}
+// Tests reach the probe through the fixture; each uses its own subset.
+#[allow(unused_imports)]
+pub use probe::{backends, exe, is_root, skip, strict};
+pub use unmount::unmount_below;
 
 /// A driver over `root`; unmounts anything left under `root/merged` on drop.
 pub struct Fixture {
@@ -65,9 +34,24 @@ pub struct Fixture {
     pub kind: BackendKind,
     /// The default commit mode.
     pub mode: CommitMode,
+    /// The temp dir holding `root` when the fixture made it (removed after the unmounts).
+    tmp: Option<tempfile::TempDir>,
 }
 
 impl Fixture {
+    /// A driver on a fresh temp root of its own.
+    pub fn new(kind: BackendKind, mode: CommitMode) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut f = Self::at(tmp.path(), kind, mode);
+        f.tmp = Some(tmp);
+        f
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// A driver on `root` (created if needed).
     pub fn at(root: &Path, kind: BackendKind, mode: CommitMode) -> Self {
         let driver = Self::driver_at(root, kind, mode);
@@ -76,6 +60,7 @@ impl Fixture {
             driver,
             kind,
             mode,
+            tmp: None,
         }
     }
 
@@ -131,19 +116,32 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let merged = self.root.join("merged");
-        let prefix = merged.to_string_lossy().to_string();
-        let mut points: Vec<PathBuf> = cachedriver_common::mounts::mount_table()
-            .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| p.to_string_lossy().starts_with(&prefix))
-            .collect();
-        points.sort();
-        points.reverse();
-        for m in points {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        unmount_below(&self.root.join("merged"));
+    }
+}
+
+/// Every durable record under a store root (names and file contents, sorted), to prove that a
+/// dry run or a refused request changed nothing. The maintenance lock file (created empty by
+/// the first locker) is not a record.
+pub fn durable_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    for sub in ["volumes", "lower"] {
+        let mut stack = vec![root.join(sub)];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(p.clone());
+                    out.push((p, vec![]));
+                } else {
+                    out.push((p.clone(), fs::read(&p).unwrap_or_default()));
+                }
+            }
         }
     }
+    out.retain(|(p, _)| !p.ends_with(cachedriver::store::MAINTENANCE_FILE));
+    out.sort();
+    out
 }
 
 /// A stand-in for a running container: a child process whose cwd is in the view (the plugin's
@@ -161,6 +159,11 @@ impl Holder {
                 .spawn()
                 .expect("spawning sleep"),
         )
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 }
 
