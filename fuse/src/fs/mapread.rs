@@ -84,10 +84,12 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts((self.addr + start) as *const u8, end - start) }
     }
 
-    /// Counts `n` bytes served; drops the mapping's page-table entries every `ZAP_EVERY`.
-    fn served(&self, n: usize) {
+    /// Counts `n` bytes served up to `end`; drops the mapping's page-table entries every
+    /// `ZAP_EVERY`, and when a read reached the end of the file (nothing lingers after a
+    /// one-pass read).
+    fn served(&self, n: usize, end: u64) {
         let before = self.served.fetch_add(n as u64, Ordering::Relaxed);
-        if before + n as u64 >= ZAP_EVERY {
+        if before + n as u64 >= ZAP_EVERY || end >= self.len as u64 {
             self.served.store(0, Ordering::Relaxed);
             // SAFETY: our own mapping; a reader of it on another worker faults pages back in.
             unsafe {
@@ -175,7 +177,7 @@ impl UnionFs {
         let data = map.range(offset, size);
         let n = data.len();
         reply.data(data);
-        map.served(n);
+        map.served(n, offset + n as u64);
         None
     }
 
