@@ -28,7 +28,9 @@ use crate::union::{Target, Union};
 use crate::whiteout;
 
 mod iomode;
+mod mapread;
 use iomode::FILE_FDS;
+pub use mapread::spawn_readahead_tuning;
 
 /// Key of a directory's own listing in `UnionFs::dirs` when the kernel sends no OPENDIR
 /// (handle numbers never reach bit 63).
@@ -125,6 +127,8 @@ pub struct UnionFs {
     no_open: bool,
     /// Fds for I/O on files opened without us, by (node id, layer << 1 | writable); bounded.
     files: DirFdCache,
+    /// Mappings of large lower files that no-open mode's reads are answered from.
+    maps: mapread::MapCache,
 }
 
 impl UnionFs {
@@ -164,6 +168,7 @@ impl UnionFs {
             prefetch: Prefetch::default(),
             no_open: false,
             files: DirFdCache::new(FILE_FDS),
+            maps: mapread::MapCache::default(),
         }
     }
 
@@ -466,6 +471,7 @@ impl Filesystem for UnionFs {
         if self.u.inode(ino.0).is_err() {
             lock(&self.dirs).remove(&dir_key(ino.0));
             self.files.remove_all(ino.0);
+            self.maps.remove(ino.0);
         }
     }
 
@@ -662,6 +668,14 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let reply = if fh.0 == 0 {
+            match self.read_mapped(ino, offset, size, reply) {
+                Some(r) => r,
+                None => return,
+            }
+        } else {
+            reply
+        };
         let fd = match self.io_fd(ino, fh, false) {
             Ok(fd) => fd,
             Err(e) => return reply.error(to_errno(e)),

@@ -163,6 +163,7 @@ fn serve(
         daemon::detach_stdio();
     }
     daemon::spawn_signal_thread(sigs, mountpoint.clone());
+    fs::spawn_readahead_tuning(mountpoint.clone());
     let code = match session.run() {
         Ok(()) => 0,
         Err(e) => {
