@@ -558,6 +558,48 @@ fn a_commit_cut_short_is_finished_by_startup_recovery() {
 }
 
 #[test]
+fn a_commit_cut_short_after_its_state_write_is_never_replayed_after_compaction() {
+    each(CommitMode::Replace, |fx| {
+        // Cut short after the state names layer `v` (the record still says `committing`).
+        fx.create("cz-v", &[]);
+        let m = fx.mount("cz-v", "X");
+        fs::write(m.join("f"), "v").unwrap();
+        let layer = crash_mid_commit(fx, "cz-v", true, true);
+        // Later commits bury it under the compaction bound.
+        fx.create("cz-w", &[]);
+        for i in 0..3 {
+            let m = fx.mount("cz-w", "W");
+            fs::write(m.join(format!("w{i}")), "w").unwrap();
+            fx.unmount("cz-w", "W");
+        }
+        let latest = fx.latest("cz");
+        assert_ne!(latest, layer);
+        // Compaction waits: flattening `v` away before recovery settles it would make recovery
+        // commit it a second time (on its old base, in replace mode: losing the later commits).
+        let store = fx.driver.store();
+        let r = cachedriver::compact::compact_cache(store, "cz", 2, true).expect("compact");
+        assert!(
+            r.is_none(),
+            "compaction must wait for the unsettled commit: {r:?}"
+        );
+        let st = store.load_state("cz").unwrap().unwrap();
+        assert!(st.layers.contains_key(&layer), "state unchanged");
+        // Recovery settles it without replaying it; then compaction goes ahead.
+        fx.restart();
+        assert!(fx.record("cz-v").session.is_none());
+        assert_eq!(fx.latest("cz"), latest, "nothing replayed on top");
+        let r =
+            cachedriver::compact::compact_cache(fx.driver.store(), "cz", 2, true).expect("compact");
+        assert!(r.is_some(), "compaction runs once the commit is settled");
+        let m = fx.mount("cz-w", "W");
+        for f in ["f", "w0", "w1", "w2"] {
+            assert!(m.join(f).exists(), "{f} in the latest snapshot");
+        }
+        fx.unmount("cz-w", "W");
+    });
+}
+
+#[test]
 fn merge_changes_the_root_attrs_only_if_the_session_did() {
     each(CommitMode::Merge, |fx| {
         fx.create("ra-a", &[]);
