@@ -6,9 +6,13 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::hash::{BuildHasher, RandomState};
+use std::os::unix::ffi::OsStrExt;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+use hashbrown::HashTable;
 
 /// Locks a mutex, recovering from poisoning (a panicked request must not wedge the mount).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -41,8 +45,10 @@ pub struct Backing {
 /// Mutable state of an inode.
 #[derive(Debug, Default)]
 pub struct InodeState {
-    /// Names (parent node id, name) this object is known under; several for hard links.
-    pub names: Vec<(u64, Name)>,
+    /// The name (parent node id, name) this object was reached through most recently; `None`
+    /// once it has none. Further names (hard links) are in `Rare::more_names`: most objects
+    /// have one name, and keeping it inline saves an allocation per object.
+    pub name: Option<(u64, Name)>,
     /// Layer holding the topmost real object.
     pub layer: usize,
     /// Directories only (boxed: the table holds one state per object the kernel knows, and
@@ -67,6 +73,8 @@ pub struct Rare {
     pub pt_written: bool,
     /// An O_PATH fd kept when the object was unlinked while open (fstat must still work).
     pub orphan: Option<Arc<OwnedFd>>,
+    /// Names after `InodeState::name` (hard links), in order of most recent use.
+    pub more_names: Vec<(u64, Name)>,
 }
 
 /// What only a directory inode has.
@@ -79,6 +87,88 @@ pub struct DirPart {
 }
 
 impl InodeState {
+    /// The name used most recently, if any.
+    pub fn first_name(&self) -> Option<(u64, Name)> {
+        self.name.clone()
+    }
+
+    /// How many names the object has.
+    pub fn name_count(&self) -> usize {
+        usize::from(self.name.is_some()) + self.rare.as_ref().map_or(0, |r| r.more_names.len())
+    }
+
+    /// All names, most recently used first.
+    pub fn names(&self) -> Vec<(u64, Name)> {
+        let mut v = Vec::with_capacity(self.name_count());
+        v.extend(self.name.iter().cloned());
+        if let Some(r) = &self.rare {
+            v.extend(r.more_names.iter().cloned());
+        }
+        v
+    }
+
+    /// Whether (parent, name) is one of the object's names.
+    pub fn has_name(&self, parent: u64, name: &OsStr) -> bool {
+        let is = |(p, n): &(u64, Name)| *p == parent && **n == *name;
+        self.name.as_ref().is_some_and(is)
+            || self
+                .rare
+                .as_ref()
+                .is_some_and(|r| r.more_names.iter().any(is))
+    }
+
+    /// Adds a name (last in order of use) unless the object already has it.
+    pub fn push_name(&mut self, parent: u64, name: Name) {
+        if self.has_name(parent, &name) {
+            return;
+        }
+        if self.name.is_none() {
+            self.name = Some((parent, name));
+        } else {
+            let more = &mut self.rare_mut().more_names;
+            // Exactly one more: a pushed-to empty Vec would allocate room for four.
+            more.reserve_exact(1);
+            more.push((parent, name));
+        }
+    }
+
+    /// Removes a name; the next most recently used one takes its place.
+    pub fn remove_name(&mut self, parent: u64, name: &OsStr) {
+        let is = |(p, n): &(u64, Name)| *p == parent && **n == *name;
+        if let Some(r) = &mut self.rare {
+            r.more_names.retain(|k| !is(k));
+        }
+        if self.name.as_ref().is_some_and(is) {
+            self.name = self
+                .rare
+                .as_mut()
+                .and_then(|r| (!r.more_names.is_empty()).then(|| r.more_names.remove(0)));
+        }
+    }
+
+    /// Makes (parent, name) the first name, if the object has it.
+    pub fn name_to_front(&mut self, parent: u64, name: &OsStr) {
+        let Some(r) = &mut self.rare else { return };
+        if let Some(i) = r
+            .more_names
+            .iter()
+            .position(|(p, n)| *p == parent && **n == *name)
+        {
+            let e = r.more_names.remove(i);
+            if let Some(old) = self.name.replace(e) {
+                r.more_names.insert(0, old);
+            }
+        }
+    }
+
+    /// Removes and returns every name but the first.
+    pub fn take_other_names(&mut self) -> Vec<(u64, Name)> {
+        self.rare
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.more_names))
+            .unwrap_or_default()
+    }
+
     /// The rare part, created empty if missing.
     pub fn rare_mut(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Box::default)
@@ -172,13 +262,53 @@ impl Inode {
     }
 }
 
+/// A slot of the name index: which node a (parent, name) is, with 32 bits of the name's hash
+/// (the full hash is derived from them, so the table can grow without looking at the inodes).
+/// 12 bytes a name, where a map keyed by (parent, name) held 32 and a shared name.
+#[derive(Debug, Clone, Copy)]
+struct NameSlot {
+    h: u32,
+    ino: [u32; 2],
+}
+
+impl NameSlot {
+    fn new(h: u32, ino: u64) -> NameSlot {
+        NameSlot {
+            h,
+            ino: [ino as u32, (ino >> 32) as u32],
+        }
+    }
+
+    fn ino(&self) -> u64 {
+        u64::from(self.ino[0]) | (u64::from(self.ino[1]) << 32)
+    }
+}
+
+/// Spreads 32 bits over 64 (the index uses the top bits and the bottom bits of a hash).
+fn spread(h: u32) -> u64 {
+    u64::from(h).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// The hash of a node id in the node map (ids are handed out in sequence; no one chooses them).
+fn ino_hash(ino: u64) -> u64 {
+    let h = ino.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^ (h >> 29)
+}
+
 /// The inode table proper.
+///
+/// Memory: one node-map slot (an `Arc`, 8 bytes) and one name-index slot (12 bytes) per
+/// object, plus the inode itself; names live once, in the inode. The name index does not
+/// hold the names: a probe checks a candidate against its inode's names (so the table lock
+/// must be taken before any inode's `state` lock, never while holding one).
 #[derive(Debug, Default)]
 pub struct Table {
-    /// All live inodes.
-    pub map: HashMap<u64, Arc<Inode>>,
+    /// All live inodes, by node id.
+    map: HashTable<Arc<Inode>>,
     /// (parent, name) → node id.
-    pub names: HashMap<(u64, Name), u64>,
+    names: HashTable<NameSlot>,
+    /// Keys the name hash (names come from containers: no chosen collisions).
+    hasher: RandomState,
     /// Upper (dev, ino) → node id, so hard links in the upper share one inode.
     pub upper_ids: HashMap<(u64, u64), u64>,
     /// Real (dev, ino) → node id, kept after forget so that st_ino stays stable for the life of
@@ -191,57 +321,109 @@ pub struct Table {
 impl Table {
     /// A table holding only the root.
     pub fn new(root: Inode) -> Table {
-        let mut map = HashMap::new();
-        map.insert(fuser::INodeNo::ROOT.0, Arc::new(root));
-        Table {
-            map,
-            names: HashMap::new(),
-            upper_ids: HashMap::new(),
-            ids: HashMap::new(),
+        let mut t = Table {
             next: 2,
-        }
+            ..Default::default()
+        };
+        t.insert(Arc::new(root));
+        t
+    }
+
+    fn name_hash(&self, parent: u64, name: &OsStr) -> u32 {
+        let h = self.hasher.hash_one((parent, name.as_bytes()));
+        (h ^ (h >> 32)) as u32
     }
 
     /// Looks up a live inode.
     pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
-        self.map.get(&ino).cloned()
+        self.map.find(ino_hash(ino), |i| i.ino == ino).cloned()
+    }
+
+    /// Whether a node id is live.
+    pub fn contains(&self, ino: u64) -> bool {
+        self.map.find(ino_hash(ino), |i| i.ino == ino).is_some()
+    }
+
+    /// Adds (or replaces) a live inode under its node id.
+    pub fn insert(&mut self, inode: Arc<Inode>) {
+        let ino = inode.ino;
+        match self
+            .map
+            .entry(ino_hash(ino), |i| i.ino == ino, |i| ino_hash(i.ino))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = inode,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(inode);
+            }
+        }
+    }
+
+    /// Every live inode.
+    pub fn inodes(&self) -> impl Iterator<Item = &Arc<Inode>> {
+        self.map.iter()
+    }
+
+    /// The node id known under (parent, name).
+    pub fn name_ino(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let h = self.name_hash(parent, name);
+        let map = &self.map;
+        self.names
+            .find(spread(h), |s| {
+                s.h == h && {
+                    let ino = s.ino();
+                    map.find(ino_hash(ino), |i| i.ino == ino)
+                        .is_some_and(|i| lock(&i.state).has_name(parent, name))
+                }
+            })
+            .map(NameSlot::ino)
+    }
+
+    /// Drops the index entry (parent, name) → `ino`, if there is one (the inode's own list of
+    /// names is left alone).
+    pub fn unindex_name(&mut self, parent: u64, name: &OsStr, ino: u64) {
+        let h = self.name_hash(parent, name);
+        if let Ok(e) = self
+            .names
+            .find_entry(spread(h), |s| s.h == h && s.ino() == ino)
+        {
+            e.remove();
+        }
     }
 
     /// The inode currently known under (parent, name).
     pub fn by_name(&self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
-        self.names
-            .get(&(parent, Name::from(name)))
-            .and_then(|i| self.map.get(i))
-            .cloned()
+        self.name_ino(parent, name).and_then(|i| self.get(i))
     }
 
     /// Removes the name (parent, name) from whatever inode holds it.
     pub fn remove_name(&mut self, parent: u64, name: &OsStr) -> Option<Arc<Inode>> {
-        let ino = self.names.remove(&(parent, Name::from(name)))?;
-        let inode = self.map.get(&ino).cloned()?;
-        lock(&inode.state)
-            .names
-            .retain(|(p, n)| !(*p == parent && **n == *name));
+        let ino = self.name_ino(parent, name)?;
+        self.unindex_name(parent, name, ino);
+        let inode = self.get(ino)?;
+        lock(&inode.state).remove_name(parent, name);
         Some(inode)
     }
 
     /// Adds a name to an inode.
     pub fn add_name(&mut self, inode: &Inode, parent: u64, name: &OsStr) {
-        let key = (parent, Name::from(name));
-        if let Some(old) = self.names.insert(key.clone(), inode.ino) {
-            if old != inode.ino {
-                if let Some(o) = self.map.get(&old) {
-                    lock(&o.state).names.retain(|k| *k != key);
+        match self.name_ino(parent, name) {
+            Some(old) if old == inode.ino => {}
+            Some(old) => {
+                self.unindex_name(parent, name, old);
+                if let Some(o) = self.get(old) {
+                    lock(&o.state).remove_name(parent, name);
                 }
+                self.index_name(parent, name, inode.ino);
             }
+            None => self.index_name(parent, name, inode.ino),
         }
-        let mut st = lock(&inode.state);
-        if !st.names.contains(&key) {
-            // Exactly one more: most objects have one name, and a pushed-to empty Vec would
-            // allocate room for four (96 bytes wasted per object on a 200k-entry tree).
-            st.names.reserve_exact(1);
-            st.names.push(key);
-        }
+        lock(&inode.state).push_name(parent, Name::from(name));
+    }
+
+    fn index_name(&mut self, parent: u64, name: &OsStr, ino: u64) {
+        let h = self.name_hash(parent, name);
+        self.names
+            .insert_unique(spread(h), NameSlot::new(h, ino), |s| spread(s.h));
     }
 
     /// Forgets the identity of a removed upper object (its inode number may be reused by the
@@ -252,17 +434,20 @@ impl Table {
 
     /// Drops an inode the kernel has forgotten.
     pub fn remove(&mut self, ino: u64) {
-        if let Some(inode) = self.map.remove(&ino) {
+        let Ok(e) = self.map.find_entry(ino_hash(ino), |i| i.ino == ino) else {
+            return;
+        };
+        let (inode, _) = e.remove();
+        let (names, upper_id) = {
             let st = lock(&inode.state);
-            for k in &st.names {
-                if self.names.get(k) == Some(&ino) {
-                    self.names.remove(k);
-                }
-            }
-            if let Some(k) = st.upper_id() {
-                if self.upper_ids.get(&k) == Some(&ino) {
-                    self.upper_ids.remove(&k);
-                }
+            (st.names(), st.upper_id())
+        };
+        for (p, n) in names {
+            self.unindex_name(p, &n, ino);
+        }
+        if let Some(k) = upper_id {
+            if self.upper_ids.get(&k) == Some(&ino) {
+                self.upper_ids.remove(&k);
             }
         }
     }

@@ -17,19 +17,7 @@ use crate::whiteout;
 /// Moves (parent, name) to the front of an inode's names: copy-up and I/O of a shared lower
 /// hard link go through the name used most recently.
 fn touch_name(inode: &Inode, parent: u64, name: &OsStr) {
-    let mut s = lock(&inode.state);
-    if s.names.len() > 1 {
-        if let Some(i) = s
-            .names
-            .iter()
-            .position(|(p, n)| *p == parent && **n == *name)
-        {
-            if i > 0 {
-                let e = s.names.remove(i);
-                s.names.insert(0, e);
-            }
-        }
-    }
+    lock(&inode.state).name_to_front(parent, name);
 }
 
 /// Beyond this many names, a lower file's further names get their own node id (keeps name
@@ -236,7 +224,7 @@ impl Union {
     pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
         let (layer, name, orphan) = {
             let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned(), st.orphan())
+            (st.layer, st.first_name(), st.orphan())
         };
         if inode.is_dir() {
             return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
@@ -373,14 +361,13 @@ impl Union {
             if let Some(ex) = t
                 .ids
                 .get(&(r.st.st_dev, r.st.st_ino))
-                .and_then(|i| t.map.get(i))
-                .cloned()
+                .and_then(|i| t.get(*i))
             {
                 let (still_lower, few) = {
                     let st = lock(&ex.state);
                     (
                         !self.layers.is_upper(st.layer),
-                        st.names.len() < MAX_SHARED_NAMES,
+                        st.name_count() < MAX_SHARED_NAMES,
                     )
                 };
                 if ex.kind() == kind && still_lower && few {
@@ -395,7 +382,7 @@ impl Union {
             (self.layers.is_upper(r.layer) && kind != libc::S_IFDIR && r.st.st_nlink > 1)
                 .then_some((r.st.st_dev, r.st.st_ino));
         if let Some(k) = upper_key {
-            if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.map.get(i)).cloned() {
+            if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.get(*i)) {
                 if ex.kind() == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
@@ -405,7 +392,7 @@ impl Union {
         }
         let stable_key = Some((r.st.st_dev, r.st.st_ino));
         let ino = match stable_key.and_then(|k| t.ids.get(&k).copied()) {
-            Some(id) if !t.map.contains_key(&id) => id,
+            Some(id) if !t.contains(id) => id,
             _ => {
                 let i = t.next;
                 t.next += 1;
@@ -436,7 +423,7 @@ impl Union {
                 ..Default::default()
             },
         ));
-        t.map.insert(ino, inode.clone());
+        t.insert(inode.clone());
         t.add_name(&inode, parent.ino, name);
         if let Some(k) = upper_key {
             t.upper_ids.insert(k, ino);
@@ -451,12 +438,10 @@ impl Union {
         let mut t = wlock(&self.table);
         let (names, upper_id) = {
             let st = lock(&inode.state);
-            (st.names.clone(), st.upper_id())
+            (st.names(), st.upper_id())
         };
-        for k in names {
-            if t.names.get(&k) == Some(&inode.ino) {
-                t.names.remove(&k);
-            }
+        for (p, n) in names {
+            t.unindex_name(p, &n, inode.ino);
         }
         if let Some(k) = upper_id {
             if t.upper_ids.get(&k) == Some(&inode.ino) {
@@ -512,7 +497,7 @@ impl Union {
         let _g = lock(&inode.backing);
         let (layer, name) = {
             let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned())
+            (st.layer, st.first_name())
         };
         if layer == 0 {
             return Ok(());
@@ -540,11 +525,9 @@ impl Union {
             if !inode.is_dir() && st.st_nlink > 1 {
                 // Copy-up breaks a lower hard link (overlayfs index=off): the other names stay
                 // with the lower file and get their own node id at their next lookup.
-                let others: Vec<(u64, Name)> = lock(&inode.state).names.split_off(1);
+                let others: Vec<(u64, Name)> = lock(&inode.state).take_other_names();
                 for (p, n) in others {
-                    if t.names.get(&(p, n.clone())) == Some(&inode.ino) {
-                        t.names.remove(&(p, n));
-                    }
+                    t.unindex_name(p, &n, inode.ino);
                 }
                 if t.ids.get(&(st.st_dev, st.st_ino)) == Some(&inode.ino) {
                     t.ids.remove(&(st.st_dev, st.st_ino));
@@ -780,7 +763,7 @@ impl Union {
         if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
             let open =
                 i.opens.load(Ordering::SeqCst) > 0 || self.orphan_always.load(Ordering::Relaxed);
-            if open && !i.is_dir() && lock(&i.state).names.len() == 1 {
+            if open && !i.is_dir() && lock(&i.state).name_count() == 1 {
                 let pfd = self.dir_fd(parent, layer)?;
                 if let Ok(fd) = sys::openat(pfd.as_raw_fd(), cname, libc::O_PATH, 0) {
                     lock(&i.state).rare_mut().orphan = Some(Arc::new(fd));
@@ -1068,7 +1051,7 @@ impl Union {
             p
         };
         let t = rlock(&self.table);
-        for other in t.map.values() {
+        for other in t.inodes() {
             if !other.is_dir() || other.ino == inode.ino {
                 continue;
             }
