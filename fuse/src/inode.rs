@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::hash::{BuildHasher, RandomState};
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
@@ -29,9 +29,7 @@ pub fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A name in a directory, shared by the table's name index and the inode's own list (one
-/// allocation per name, not two).
-pub type Name = Arc<OsStr>;
+pub use crate::name::Name;
 
 /// A passthrough backing file registered with the kernel, shared by all opens of one inode.
 #[derive(Debug)]
@@ -51,21 +49,21 @@ pub struct InodeState {
     pub name: Option<(u64, Name)>,
     /// Layer holding the topmost real object.
     pub layer: usize,
-    /// Directories only (boxed: the table holds one state per object the kernel knows, and
-    /// most are files).
-    pub dir: Option<Box<DirPart>>,
-    /// What few objects have (boxed: the table holds one state per object the kernel knows,
-    /// 200k on big trees, and this keeps an inode in a smaller allocation).
+    /// What directories and few other objects have (boxed, one pointer for all of it: the
+    /// table holds one state per object the kernel knows, 200k on big trees, and this keeps an
+    /// inode in a 112-byte allocation).
     pub rare: Option<Box<Rare>>,
 }
 
-/// The rarely set part of an inode's state.
+/// The rarely set part of an inode's state, and a directory's layers and path.
 #[derive(Debug, Default)]
 pub struct Rare {
+    /// Directories only.
+    pub dir: Option<DirPart>,
     /// Removed directory (rmdir): nothing may be resolved below it.
     pub dead: bool,
     /// A removed directory's last attributes (it may still be someone's cwd).
-    pub dead_attr: Option<libc::stat>,
+    pub dead_attr: Option<Box<libc::stat>>,
     /// Upper (dev, ino) this inode is registered under in `Table::upper_ids` (upper files with
     /// several links).
     pub upper_id: Option<(u64, u64)>,
@@ -181,7 +179,9 @@ impl InodeState {
 
     /// A removed directory's last attributes.
     pub fn dead_attr(&self) -> Option<libc::stat> {
-        self.rare.as_ref().and_then(|r| r.dead_attr)
+        self.rare
+            .as_ref()
+            .and_then(|r| r.dead_attr.as_deref().copied())
     }
 
     /// Upper (dev, ino) this inode is registered under in `Table::upper_ids`.
@@ -196,17 +196,23 @@ impl InodeState {
 
     /// A directory's contributing layers, topmost first (empty for other objects).
     pub fn stack(&self) -> &[usize] {
-        self.dir.as_ref().map_or(&[], |d| &d.stack)
+        self.rare
+            .as_ref()
+            .and_then(|r| r.dir.as_ref())
+            .map_or(&[], |d| &d.stack)
     }
 
     /// A directory's path relative to every layer root (empty for the root and non-directories).
     pub fn path(&self) -> &OsStr {
-        self.dir.as_ref().map_or(OsStr::new(""), |d| &d.path)
+        self.rare
+            .as_ref()
+            .and_then(|r| r.dir.as_ref())
+            .map_or(OsStr::new(""), |d| &d.path)
     }
 
     /// The directory part, created empty if missing.
     pub fn dir_mut(&mut self) -> &mut DirPart {
-        self.dir.get_or_insert_with(Box::default)
+        self.rare_mut().dir.get_or_insert_with(DirPart::default)
     }
 }
 
@@ -507,5 +513,76 @@ impl DirFdCache {
         for l in layers {
             m.remove(&(ino, *l));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table holds one inode per object the kernel knows: with `Arc`'s two counters it must
+    /// fit glibc's 112-byte chunk (a request of at most 104 bytes).
+    #[test]
+    fn inode_fits_a_small_allocation() {
+        assert!(
+            std::mem::size_of::<Inode>() + 16 <= 104,
+            "Inode is {} bytes",
+            std::mem::size_of::<Inode>()
+        );
+        assert_eq!(std::mem::size_of::<InodeState>(), 32);
+    }
+
+    fn state_with(names: &[(u64, &str)]) -> InodeState {
+        let mut st = InodeState::default();
+        for (p, n) in names {
+            st.push_name(*p, Name::from(OsStr::new(n)));
+        }
+        st
+    }
+
+    #[test]
+    fn names_keep_order_of_use() {
+        let mut st = state_with(&[(1, "a"), (2, "a-much-longer-name"), (1, "a"), (3, "c")]);
+        assert_eq!(st.name_count(), 3);
+        st.name_to_front(3, OsStr::new("c"));
+        assert_eq!(st.first_name().map(|(p, _)| p), Some(3));
+        st.remove_name(3, OsStr::new("c"));
+        assert_eq!(st.first_name().map(|(p, _)| p), Some(1));
+        assert!(st.has_name(2, OsStr::new("a-much-longer-name")));
+        assert_eq!(st.take_other_names().len(), 1);
+        assert_eq!(st.name_count(), 1);
+        st.remove_name(1, OsStr::new("a"));
+        assert_eq!(st.name_count(), 0);
+    }
+
+    #[test]
+    fn name_index_follows_names() {
+        let mut t = Table::new(Inode::new(1, libc::S_IFDIR, InodeState::default()));
+        let a = Arc::new(Inode::new(5, libc::S_IFREG, InodeState::default()));
+        let b = Arc::new(Inode::new(6, libc::S_IFREG, InodeState::default()));
+        t.insert(a.clone());
+        t.insert(b.clone());
+        t.add_name(&a, 1, OsStr::new("x"));
+        t.add_name(&a, 1, OsStr::new("y"));
+        assert_eq!(t.name_ino(1, OsStr::new("x")), Some(5));
+        assert_eq!(t.name_ino(1, OsStr::new("y")), Some(5));
+        assert_eq!(t.name_ino(2, OsStr::new("x")), None);
+        // A name moving to another inode leaves the first one's list.
+        t.add_name(&b, 1, OsStr::new("x"));
+        assert_eq!(t.name_ino(1, OsStr::new("x")), Some(6));
+        assert!(!lock(&a.state).has_name(1, OsStr::new("x")));
+        assert!(t.remove_name(1, OsStr::new("y")).is_some());
+        assert_eq!(t.name_ino(1, OsStr::new("y")), None);
+        for i in 0..5000u64 {
+            let n = Arc::new(Inode::new(100 + i, libc::S_IFREG, InodeState::default()));
+            t.insert(n.clone());
+            t.add_name(&n, 1, OsStr::new(&format!("f{i}")));
+        }
+        for i in (0..5000u64).step_by(7) {
+            assert_eq!(t.name_ino(1, OsStr::new(&format!("f{i}"))), Some(100 + i));
+        }
+        t.remove(100);
+        assert_eq!(t.name_ino(1, OsStr::new("f0")), None);
+        assert!(t.get(100).is_none() && t.contains(101));
     }
 }

@@ -167,9 +167,12 @@ impl Union {
             libc::S_IFDIR,
             InodeState {
                 layer: 0,
-                dir: Some(Box::new(DirPart {
-                    stack,
-                    path: OsString::new(),
+                rare: Some(Box::new(Rare {
+                    dir: Some(DirPart {
+                        stack,
+                        path: OsString::new(),
+                    }),
+                    ..Default::default()
                 })),
                 ..Default::default()
             },
@@ -222,14 +225,17 @@ impl Union {
 
     /// Where the object's real data is, and in which layer.
     pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
-        let (layer, name, orphan) = {
-            let st = lock(&inode.state);
-            (st.layer, st.first_name(), st.orphan())
-        };
         if inode.is_dir() {
+            let layer = lock(&inode.state).layer;
             return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
         }
-        let Some((p, name)) = name else {
+        // The name goes straight into the C string the syscall needs (no copy of the name).
+        let (layer, name, orphan) = {
+            let st = lock(&inode.state);
+            let name = st.name.as_ref().map(|(p, n)| (*p, sys::cstr(n)));
+            (st.layer, name, st.orphan())
+        };
+        let Some((p, cname)) = name else {
             return match orphan {
                 Some(fd) => Ok((Target::Orphan(fd), layer)),
                 None => Err(errno(libc::ENOENT)),
@@ -237,7 +243,7 @@ impl Union {
         };
         let parent = self.inode(p)?;
         let pfd = self.dir_fd(&parent, layer)?;
-        Ok((Target::At(pfd, sys::cstr(&name)?), layer))
+        Ok((Target::At(pfd, cname?), layer))
     }
 
     /// The layer stack of a directory inode.
@@ -402,10 +408,15 @@ impl Union {
         if let Some(k) = stable_key {
             t.ids.insert(k, ino);
         }
-        let dir = (kind == libc::S_IFDIR).then(|| {
-            Box::new(DirPart {
-                stack: r.stack.clone(),
-                path: layers::join(lock(&parent.state).path(), name),
+        let dir = (kind == libc::S_IFDIR).then(|| DirPart {
+            stack: r.stack.clone(),
+            path: layers::join(lock(&parent.state).path(), name),
+        });
+        let rare = (dir.is_some() || upper_key.is_some()).then(|| {
+            Box::new(Rare {
+                dir,
+                upper_id: upper_key,
+                ..Default::default()
             })
         });
         let inode = Arc::new(Inode::new(
@@ -413,13 +424,7 @@ impl Union {
             kind,
             InodeState {
                 layer: r.layer,
-                dir,
-                rare: upper_key.map(|k| {
-                    Box::new(Rare {
-                        upper_id: Some(k),
-                        ..Default::default()
-                    })
-                }),
+                rare,
                 ..Default::default()
             },
         ));
@@ -842,7 +847,7 @@ impl Union {
                 s.rare_mut().dead = true;
                 let mut st = r.st;
                 st.st_nlink = 0;
-                s.rare_mut().dead_attr = Some(st);
+                s.rare_mut().dead_attr = Some(Box::new(st));
                 s.stack().to_vec()
             };
             layers.push(0);
