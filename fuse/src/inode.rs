@@ -1,6 +1,7 @@
 //! The inode table: FUSE node ids for merged objects, their names, where their data lives, and a
-//! bounded cache of O_PATH fds for directories (fds count against RLIMIT_NOFILE, so we never keep
-//! one per inode).
+//! cache of O_PATH fds for directories bounded by memory (`DIR_FD_BUDGET`; fds also count
+//! against RLIMIT_NOFILE, so we never keep one per inode). Inodes live while the kernel knows
+//! them: its FORGET frees them.
 //!
 //! Lock order: the table lock before any inode's `state` lock; never the reverse.
 
@@ -459,10 +460,23 @@ impl Table {
     }
 }
 
+/// What one cached O_PATH directory fd costs, estimated (kernel 6.x, x86-64): in the kernel a
+/// `struct file` (a 256-byte slab object) and its fd-table slot, plus the dentry (192 bytes) and
+/// the inode (about 1 KiB for ext4 or xfs) that an open fd keeps from being reclaimed; here a
+/// map slot (about 40 bytes with the table's spare room) and the shared fd (a 32-byte
+/// allocation). Rounded up to 2 KiB.
+pub const FD_COST: usize = 2048;
+
+/// Memory the directory-fd cache may hold, at `FD_COST` an fd: 4 MiB (2048 fds), as much as
+/// read-ahead. Enough for every directory of a 200k-entry tree's walk to find its parent's fd;
+/// beyond it, a miss costs one `openat2` from the layer root.
+pub const DIR_FD_BUDGET: usize = 4 << 20;
+
 /// Cached fds by (node id, layer), each with its last-use tick.
 type FdMap = HashMap<(u64, usize), (Arc<OwnedFd>, u64)>;
 
-/// A bounded cache of O_PATH directory fds keyed by (node id, layer).
+/// A bounded cache of fds keyed by (node id, layer): O_PATH fds of directories (bounded by
+/// memory: `with_budget`), or of files for I/O.
 #[derive(Debug)]
 pub struct DirFdCache {
     map: Mutex<FdMap>,
@@ -478,6 +492,18 @@ impl DirFdCache {
             tick: AtomicU64::new(0),
             cap: cap.max(16),
         }
+    }
+
+    /// A cache holding at most `bytes` of memory at `FD_COST` an fd, and never more than
+    /// `fd_limit` fds (descriptors count against RLIMIT_NOFILE).
+    pub fn with_budget(bytes: usize, fd_limit: usize) -> DirFdCache {
+        DirFdCache::new((bytes / FD_COST).min(fd_limit))
+    }
+
+    /// How many fds it may hold.
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
 
     /// A cached fd.
@@ -538,6 +564,21 @@ mod tests {
             st.push_name(*p, Name::from(OsStr::new(n)));
         }
         st
+    }
+
+    #[test]
+    fn dir_fds_are_bounded_by_memory() {
+        let c = DirFdCache::with_budget(DIR_FD_BUDGET, 1 << 20);
+        assert_eq!(c.capacity(), DIR_FD_BUDGET / FD_COST);
+        // The descriptor limit still caps it.
+        assert_eq!(DirFdCache::with_budget(DIR_FD_BUDGET, 100).capacity(), 100);
+        let c = DirFdCache::with_budget(64 * FD_COST, 1 << 20);
+        let fd = Arc::new(OwnedFd::from(std::fs::File::open("/").unwrap()));
+        for i in 0..1000 {
+            c.insert(i, 0, fd.clone());
+            assert!(lock(&c.map).len() <= 64);
+        }
+        assert!(c.get(999, 0).is_some());
     }
 
     #[test]

@@ -177,11 +177,12 @@ impl Union {
                 ..Default::default()
             },
         );
-        let cap = (sys::nofile_limit() / 4).clamp(64, 65536) as usize;
+        // A quarter of the descriptor limit at most: the rest is for open files and layers.
+        let fd_limit = (sys::nofile_limit() / 4).clamp(64, 65536) as usize;
         Union {
             layers,
             table: RwLock::new(Table::new(root)),
-            fds: DirFdCache::new(cap),
+            fds: DirFdCache::with_budget(crate::inode::DIR_FD_BUDGET, fd_limit),
             orphan_always: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
             wh_lock: Mutex::new(()),
