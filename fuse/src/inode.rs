@@ -6,7 +6,7 @@
 //! Lock order: the table lock before any inode's `state` lock; never the reverse.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::hash::{BuildHasher, RandomState};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -76,13 +76,12 @@ pub struct Rare {
     pub more_names: Vec<(u64, Name)>,
 }
 
-/// What only a directory inode has.
+/// What only a directory inode has. No path: a directory is reached through its parents'
+/// names (`Union::dir_fd`), so a rename touches nothing below the renamed directory.
 #[derive(Debug, Default, Clone)]
 pub struct DirPart {
     /// Contributing layers, topmost first.
     pub stack: Vec<usize>,
-    /// Path relative to every layer root ("" for the root).
-    pub path: OsString,
 }
 
 impl InodeState {
@@ -201,14 +200,6 @@ impl InodeState {
             .as_ref()
             .and_then(|r| r.dir.as_ref())
             .map_or(&[], |d| &d.stack)
-    }
-
-    /// A directory's path relative to every layer root (empty for the root and non-directories).
-    pub fn path(&self) -> &OsStr {
-        self.rare
-            .as_ref()
-            .and_then(|r| r.dir.as_ref())
-            .map_or(OsStr::new(""), |d| &d.path)
     }
 
     /// The directory part, created empty if missing.
@@ -363,11 +354,6 @@ impl Table {
                 e.insert(inode);
             }
         }
-    }
-
-    /// Every live inode.
-    pub fn inodes(&self) -> impl Iterator<Item = &Arc<Inode>> {
-        self.map.iter()
     }
 
     /// The node id known under (parent, name).

@@ -74,6 +74,7 @@ pub fn openat(dirfd: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<Ow
 }
 
 /// Opens a directory path below `root` without following any symlink and without leaving `root`.
+#[allow(dead_code)] // the union resolves directories name by name now (no PATH_MAX limit)
 pub fn open_dir_beneath(root: RawFd, path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: open_how is plain old data.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };

@@ -2,7 +2,7 @@
 //! interning inodes, copy-up, and the namespace operations (create, unlink, rmdir, rename,
 //! link) that write the kernel's upper format.
 
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -168,10 +168,7 @@ impl Union {
             InodeState {
                 layer: 0,
                 rare: Some(Box::new(Rare {
-                    dir: Some(DirPart {
-                        stack,
-                        path: OsString::new(),
-                    }),
+                    dir: Some(DirPart { stack }),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -202,26 +199,75 @@ impl Union {
     }
 
     /// An O_PATH fd of directory `inode` in layer `layer` (cached, bounded).
+    ///
+    /// Resolved one name at a time from the nearest directory whose fd is cached (or the layer
+    /// root), never as a path from the layer root: any depth resolves (a path would stop at
+    /// PATH_MAX, about 2,000 levels), and each step is an `openat` of a single name with
+    /// `O_NOFOLLOW | O_DIRECTORY`, so no symlink is followed and nothing leaves the layer. A
+    /// directory's layers are a subset of its parent's, so the parent is in `layer` too.
     pub fn dir_fd(&self, inode: &Inode, layer: usize) -> io::Result<Arc<OwnedFd>> {
         if let Some(fd) = self.fds.get(inode.ino, layer) {
             return Ok(fd);
         }
-        let (path, dead) = {
-            let st = lock(&inode.state);
-            (st.path().to_os_string(), st.dead())
+        // (node id, name in its parent) from `inode` up: an explicit stack, not call recursion.
+        let mut chain: Vec<(u64, CString)> = Vec::new();
+        let mut cur = inode.ino;
+        let mut link = self.dir_link(inode)?;
+        let mut fd = loop {
+            match link {
+                None => {
+                    // `cur` is the root.
+                    let root = self.layers.root(layer);
+                    let fd = Arc::new(sys::openat(
+                        root,
+                        c".",
+                        libc::O_PATH | libc::O_DIRECTORY,
+                        0,
+                    )?);
+                    self.fds.insert(cur, layer, fd.clone());
+                    break fd;
+                }
+                Some((p, cname)) => {
+                    chain.push((cur, cname));
+                    if let Some(fd) = self.fds.get(p, layer) {
+                        break fd;
+                    }
+                    let parent = self.inode(p)?;
+                    cur = p;
+                    link = self.dir_link(&parent)?;
+                }
+            }
         };
-        if dead {
+        for (ino, cname) in chain.into_iter().rev() {
+            let next = Arc::new(sys::openat(
+                fd.as_raw_fd(),
+                &cname,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?);
+            self.fds.insert(ino, layer, next.clone());
+            fd = next;
+        }
+        Ok(fd)
+    }
+
+    /// A directory's (parent, name), `None` for the root; ENOENT for a removed directory.
+    fn dir_link(&self, d: &Inode) -> io::Result<Option<(u64, CString)>> {
+        if d.ino == fuser::INodeNo::ROOT.0 {
+            return Ok(None);
+        }
+        let st = lock(&d.state);
+        if st.dead() {
             return Err(errno(libc::ENOENT));
         }
-        let root = self.layers.root(layer);
-        let fd = if path.is_empty() {
-            sys::openat(root, c".", libc::O_PATH | libc::O_DIRECTORY, 0)?
-        } else {
-            sys::open_dir_beneath(root, &sys::cstr(&path)?)?
+        let Some((p, n)) = st.name.as_ref() else {
+            return Err(errno(libc::ENOENT));
         };
-        let fd = Arc::new(fd);
-        self.fds.insert(inode.ino, layer, fd.clone());
-        Ok(fd)
+        let b = std::os::unix::ffi::OsStrExt::as_bytes(&**n);
+        if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+            return Err(errno(libc::ENOENT));
+        }
+        Ok(Some((*p, sys::cstr(n)?)))
     }
 
     /// Where the object's real data is, and in which layer.
@@ -411,7 +457,6 @@ impl Union {
         }
         let dir = (kind == libc::S_IFDIR).then(|| DirPart {
             stack: r.stack.clone(),
-            path: layers::join(lock(&parent.state).path(), name),
         });
         let rare = (dir.is_some() || upper_key.is_some()).then(|| {
             Box::new(Rare {
@@ -500,6 +545,33 @@ impl Union {
         if lock(&inode.state).layer == 0 {
             return Ok(());
         }
+        // The parents not yet in the upper, nearest first: an explicit stack, not call
+        // recursion (container trees can be thousands of levels deep).
+        let mut chain: Vec<Arc<Inode>> = Vec::new();
+        let mut cur = lock(&inode.state).first_name().map(|(p, _)| p);
+        while let Some(p) = cur {
+            let parent = self.inode(p)?;
+            let (layer, next) = {
+                let st = lock(&parent.state);
+                (st.layer, st.first_name().map(|(p, _)| p))
+            };
+            if layer == 0 {
+                break;
+            }
+            chain.push(parent);
+            cur = next;
+        }
+        for parent in chain.iter().rev() {
+            self.copy_up_one(parent, true)?;
+        }
+        self.copy_up_one(inode, with_data)
+    }
+
+    /// Copies one object up; its parent is in the upper already.
+    fn copy_up_one(&self, inode: &Arc<Inode>, with_data: bool) -> io::Result<()> {
+        if lock(&inode.state).layer == 0 {
+            return Ok(());
+        }
         let _g = lock(&inode.backing);
         let (layer, name) = {
             let st = lock(&inode.state);
@@ -510,7 +582,11 @@ impl Union {
         }
         let (p, name) = name.ok_or_else(|| errno(libc::ENOENT))?;
         let parent = self.inode(p)?;
-        self.copy_up(&parent, true)?;
+        if lock(&parent.state).layer != 0 {
+            // Moved under another lower directory since the chain was taken (a race): copy
+            // that parent up as well.
+            self.copy_up(&parent, true)?;
+        }
         let up = self.dir_fd(&parent, 0)?;
         let src = self.dir_fd(&parent, layer)?;
         let cname = sys::cstr(&name)?;
@@ -946,8 +1022,6 @@ impl Union {
                 t.add_name(src_inode, newparent.ino, newname);
                 t.add_name(&dst_inode, parent.ino, name);
                 drop(t);
-                self.moved_dir(src_inode, newparent, newname);
-                self.moved_dir(&dst_inode, parent, name);
                 Ok(())
             })();
             self.forget(dst_inode.ino, 1);
@@ -1037,39 +1111,7 @@ impl Union {
         t.remove_name(parent.ino, name);
         t.add_name(src_inode, newparent.ino, newname);
         drop(t);
-        self.moved_dir(src_inode, newparent, newname);
         Ok(())
-    }
-
-    /// After a directory moved, rewrites its path and its descendants' paths.
-    fn moved_dir(&self, inode: &Inode, newparent: &Inode, newname: &OsStr) {
-        if !inode.is_dir() {
-            return;
-        }
-        let newpath = layers::join(lock(&newparent.state).path(), newname);
-        let oldpath = std::mem::replace(&mut lock(&inode.state).dir_mut().path, newpath.clone());
-        if oldpath == newpath {
-            return;
-        }
-        let prefix = {
-            let mut p = std::os::unix::ffi::OsStrExt::as_bytes(oldpath.as_os_str()).to_vec();
-            p.push(b'/');
-            p
-        };
-        let t = rlock(&self.table);
-        for other in t.inodes() {
-            if !other.is_dir() || other.ino == inode.ino {
-                continue;
-            }
-            let mut s = lock(&other.state);
-            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path());
-            if let Some(rest) = b.strip_prefix(prefix.as_slice()) {
-                let mut np = std::os::unix::ffi::OsStrExt::as_bytes(newpath.as_os_str()).to_vec();
-                np.push(b'/');
-                np.extend_from_slice(rest);
-                s.dir_mut().path = std::os::unix::ffi::OsStringExt::from_vec(np);
-            }
-        }
     }
 
     /// link(2): hard link `inode` as `newparent/newname` in the upper; returns the new stat.
