@@ -12,7 +12,6 @@ mod hostile;
 
 use std::time::Instant;
 
-use cachedriver::backend::BackendKind;
 use cachedriver::names::CommitMode;
 use driver_fixture::{backends, Fixture};
 use hostile::{
