@@ -356,6 +356,20 @@ impl Table {
         }
     }
 
+    /// Gives the indexes' memory back once the kernel has forgotten most of what it knew: a
+    /// table less than a quarter full shrinks to twice its entries (a rehash of what is left,
+    /// so at most once per halving).
+    pub fn shrink_if_sparse(&mut self) {
+        let (n, cap) = (self.map.len(), self.map.capacity());
+        if cap > 4096 && n < cap / 4 {
+            self.map.shrink_to(n * 2, |i| ino_hash(i.ino));
+        }
+        let (n, cap) = (self.names.len(), self.names.capacity());
+        if cap > 4096 && n < cap / 4 {
+            self.names.shrink_to(n * 2, |s| spread(s.h));
+        }
+    }
+
     /// The node id known under (parent, name).
     pub fn name_ino(&self, parent: u64, name: &OsStr) -> Option<u64> {
         let h = self.name_hash(parent, name);
