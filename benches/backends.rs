@@ -12,7 +12,9 @@
 //!
 //! Run as root: `cargo bench --bench backends` (`-- --quick`: 300 small files, small large files,
 //! one repetition, no fuse-overlayfs 2.0.0 install: a smoke run for CI). Knobs (environment):
-//! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_REPS` (3), `BENCH_BACKENDS`
+//! `BENCH_SCALE` (default 1: multiplies file counts and sizes), `BENCH_SMALL_FILES` (the small-file
+//! count alone, overriding the scale's; 200000 makes the 202k-entry walk of the memory figures),
+//! `BENCH_REPS` (3), `BENCH_BACKENDS`
 //! (comma list of `native,kernel,fuse,fuse-pt,fuse-overlayfs,fuse-overlayfs-2`; `fuse-pt` is ours with
 //! `passthrough=on`), `BENCH_DIR` (scratch parent,
 //! default `<target>/bench`), `BENCH_JSON` (output path), `BENCH_NO_INSTALL=1` (do not `cargo install`
@@ -103,7 +105,12 @@ impl Config {
         let bench = target.join("bench");
         Config {
             reps: env_f64("BENCH_REPS", if quick { 1.0 } else { 3.0 }).max(1.0) as usize,
-            small_files: n(30_000.0),
+            // BENCH_SMALL_FILES sets the small-file count alone (large files keep the scale):
+            // 200000 gives the 202k-entry tree of issue 15's memory figures.
+            small_files: std::env::var("BENCH_SMALL_FILES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| n(30_000.0)),
             large_files: 4,
             large_size: ((256.0 * scale * MIB as f64) as u64).max(MIB),
             n_mut: n(2_000.0),

@@ -817,9 +817,7 @@ impl Filesystem for UnionFs {
             let d_ino = if i < 2 {
                 ino.0
             } else {
-                t.names
-                    .get(&(ino.0, crate::inode::Name::from(name.as_os_str())))
-                    .copied()
+                t.name_ino(ino.0, name.as_os_str())
                     .unwrap_or((1 << 62) + i as u64)
             };
             if reply.add(INodeNo(d_ino), (i + 1) as u64, *kind, name) {

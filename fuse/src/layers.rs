@@ -2,10 +2,10 @@
 //! union is built from (stat a child, whiteout and opaque checks, merged directory listing).
 
 use std::collections::HashSet;
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use crate::options::Options;
@@ -354,17 +354,5 @@ pub fn mode_to_dtype(mode: u32) -> u8 {
         libc::S_IFIFO => libc::DT_FIFO,
         libc::S_IFSOCK => libc::DT_SOCK,
         _ => libc::DT_UNKNOWN,
-    }
-}
-
-/// Joins a relative dir path and a name (root is the empty path).
-pub fn join(path: &OsStr, name: &OsStr) -> OsString {
-    if path.is_empty() {
-        name.to_os_string()
-    } else {
-        let mut v = path.as_bytes().to_vec();
-        v.push(b'/');
-        v.extend_from_slice(name.as_bytes());
-        OsString::from_vec(v)
     }
 }

@@ -8,6 +8,7 @@ mod fs;
 mod handle;
 mod inode;
 mod layers;
+mod name;
 pub mod options;
 mod prefetch;
 mod sys;

@@ -2,7 +2,7 @@
 //! interning inodes, copy-up, and the namespace operations (create, unlink, rmdir, rename,
 //! link) that write the kernel's upper format.
 
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,24 +17,25 @@ use crate::whiteout;
 /// Moves (parent, name) to the front of an inode's names: copy-up and I/O of a shared lower
 /// hard link go through the name used most recently.
 fn touch_name(inode: &Inode, parent: u64, name: &OsStr) {
-    let mut s = lock(&inode.state);
-    if s.names.len() > 1 {
-        if let Some(i) = s
-            .names
-            .iter()
-            .position(|(p, n)| *p == parent && **n == *name)
-        {
-            if i > 0 {
-                let e = s.names.remove(i);
-                s.names.insert(0, e);
-            }
-        }
-    }
+    lock(&inode.state).name_to_front(parent, name);
 }
 
 /// Beyond this many names, a lower file's further names get their own node id (keeps name
 /// bookkeeping O(1) on hard-link farms).
 const MAX_SHARED_NAMES: usize = 64;
+
+/// Every this many inodes freed by FORGET, the heap is trimmed (about 2 MiB of inodes and
+/// names; a trim of a 40 MiB heap takes a few milliseconds).
+const TRIM_EVERY: u64 = 16384;
+
+/// Returns free heap memory to the system (`malloc_trim`).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Name of the cached whiteout in the work dir that new whiteouts are hard links of.
 const WH_BASE: &CStr = c"#cdf.whiteout";
@@ -157,6 +158,8 @@ pub struct Union {
     /// open, so every unlinked or replaced file the kernel still knows keeps an orphan fd.
     pub orphan_always: AtomicBool,
     tmp_seq: AtomicU64,
+    /// Inodes freed by FORGET so far (see `TRIM_EVERY`).
+    freed: AtomicU64,
     wh_lock: Mutex<()>,
     /// Reverse channel to the kernel, set once the session exists.
     pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -179,20 +182,22 @@ impl Union {
             libc::S_IFDIR,
             InodeState {
                 layer: 0,
-                dir: Some(Box::new(DirPart {
-                    stack,
-                    path: OsString::new(),
+                rare: Some(Box::new(Rare {
+                    dir: Some(DirPart { stack }),
+                    ..Default::default()
                 })),
                 ..Default::default()
             },
         );
-        let cap = (sys::nofile_limit() / 4).clamp(64, 65536) as usize;
+        // A quarter of the descriptor limit at most: the rest is for open files and layers.
+        let fd_limit = (sys::nofile_limit() / 4).clamp(64, 65536) as usize;
         Union {
             layers,
             table: RwLock::new(Table::new(root)),
-            fds: DirFdCache::new(cap),
+            fds: DirFdCache::with_budget(crate::inode::DIR_FD_BUDGET, fd_limit),
             orphan_always: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
             wh_lock: Mutex::new(()),
             notifier: Arc::new(std::sync::OnceLock::new()),
             // SAFETY: trivial syscalls.
@@ -210,38 +215,90 @@ impl Union {
     }
 
     /// An O_PATH fd of directory `inode` in layer `layer` (cached, bounded).
+    ///
+    /// Resolved one name at a time from the nearest directory whose fd is cached (or the layer
+    /// root), never as a path from the layer root: any depth resolves (a path would stop at
+    /// PATH_MAX, about 2,000 levels), and each step is an `openat` of a single name with
+    /// `O_NOFOLLOW | O_DIRECTORY`, so no symlink is followed and nothing leaves the layer. A
+    /// directory's layers are a subset of its parent's, so the parent is in `layer` too.
     pub fn dir_fd(&self, inode: &Inode, layer: usize) -> io::Result<Arc<OwnedFd>> {
         if let Some(fd) = self.fds.get(inode.ino, layer) {
             return Ok(fd);
         }
-        let (path, dead) = {
-            let st = lock(&inode.state);
-            (st.path().to_os_string(), st.dead())
+        // (node id, name in its parent) from `inode` up: an explicit stack, not call recursion.
+        let mut chain: Vec<(u64, CString)> = Vec::new();
+        let mut cur = inode.ino;
+        let mut link = self.dir_link(inode)?;
+        let mut fd = loop {
+            match link {
+                None => {
+                    // `cur` is the root.
+                    let root = self.layers.root(layer);
+                    let fd = Arc::new(sys::openat(
+                        root,
+                        c".",
+                        libc::O_PATH | libc::O_DIRECTORY,
+                        0,
+                    )?);
+                    self.fds.insert(cur, layer, fd.clone());
+                    break fd;
+                }
+                Some((p, cname)) => {
+                    chain.push((cur, cname));
+                    if let Some(fd) = self.fds.get(p, layer) {
+                        break fd;
+                    }
+                    let parent = self.inode(p)?;
+                    cur = p;
+                    link = self.dir_link(&parent)?;
+                }
+            }
         };
-        if dead {
+        for (ino, cname) in chain.into_iter().rev() {
+            let next = Arc::new(sys::openat(
+                fd.as_raw_fd(),
+                &cname,
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?);
+            self.fds.insert(ino, layer, next.clone());
+            fd = next;
+        }
+        Ok(fd)
+    }
+
+    /// A directory's (parent, name), `None` for the root; ENOENT for a removed directory.
+    fn dir_link(&self, d: &Inode) -> io::Result<Option<(u64, CString)>> {
+        if d.ino == fuser::INodeNo::ROOT.0 {
+            return Ok(None);
+        }
+        let st = lock(&d.state);
+        if st.dead() {
             return Err(errno(libc::ENOENT));
         }
-        let root = self.layers.root(layer);
-        let fd = if path.is_empty() {
-            sys::openat(root, c".", libc::O_PATH | libc::O_DIRECTORY, 0)?
-        } else {
-            sys::open_dir_beneath(root, &sys::cstr(&path)?)?
+        let Some((p, n)) = st.name.as_ref() else {
+            return Err(errno(libc::ENOENT));
         };
-        let fd = Arc::new(fd);
-        self.fds.insert(inode.ino, layer, fd.clone());
-        Ok(fd)
+        let b = std::os::unix::ffi::OsStrExt::as_bytes(&**n);
+        if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+            return Err(errno(libc::ENOENT));
+        }
+        Ok(Some((*p, sys::cstr(n)?)))
     }
 
     /// Where the object's real data is, and in which layer.
     pub fn target(&self, inode: &Inode) -> io::Result<(Target, usize)> {
-        let (layer, name, orphan) = {
-            let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned(), st.orphan())
-        };
         if inode.is_dir() {
+            let layer = lock(&inode.state).layer;
             return Ok((Target::Dir(self.dir_fd(inode, layer)?), layer));
         }
-        let Some((p, name)) = name else {
+        // The name goes straight into the C string the syscall needs (no copy of the name).
+        let (layer, name, orphan) = {
+            let st = lock(&inode.state);
+            let name = st.name.as_ref().map(|(p, n)| (*p, sys::cstr(n)));
+            (st.layer, name, st.orphan())
+        };
+        let Some((p, cname)) = name else {
             return match orphan {
                 Some(fd) => Ok((Target::Orphan(fd), layer)),
                 None => Err(errno(libc::ENOENT)),
@@ -249,7 +306,7 @@ impl Union {
         };
         let parent = self.inode(p)?;
         let pfd = self.dir_fd(&parent, layer)?;
-        Ok((Target::At(pfd, sys::cstr(&name)?), layer))
+        Ok((Target::At(pfd, cname?), layer))
     }
 
     /// The layer stack of a directory inode.
@@ -373,14 +430,13 @@ impl Union {
             if let Some(ex) = t
                 .ids
                 .get(&(r.st.st_dev, r.st.st_ino))
-                .and_then(|i| t.map.get(i))
-                .cloned()
+                .and_then(|i| t.get(*i))
             {
                 let (still_lower, few) = {
                     let st = lock(&ex.state);
                     (
                         !self.layers.is_upper(st.layer),
-                        st.names.len() < MAX_SHARED_NAMES,
+                        st.name_count() < MAX_SHARED_NAMES,
                     )
                 };
                 if ex.kind() == kind && still_lower && few {
@@ -395,7 +451,7 @@ impl Union {
             (self.layers.is_upper(r.layer) && kind != libc::S_IFDIR && r.st.st_nlink > 1)
                 .then_some((r.st.st_dev, r.st.st_ino));
         if let Some(k) = upper_key {
-            if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.map.get(i)).cloned() {
+            if let Some(ex) = t.upper_ids.get(&k).and_then(|i| t.get(*i)) {
                 if ex.kind() == kind {
                     ex.nlookup.fetch_add(1, Ordering::SeqCst);
                     t.add_name(&ex, parent.ino, name);
@@ -405,7 +461,7 @@ impl Union {
         }
         let stable_key = Some((r.st.st_dev, r.st.st_ino));
         let ino = match stable_key.and_then(|k| t.ids.get(&k).copied()) {
-            Some(id) if !t.map.contains_key(&id) => id,
+            Some(id) if !t.contains(id) => id,
             _ => {
                 let i = t.next;
                 t.next += 1;
@@ -415,10 +471,14 @@ impl Union {
         if let Some(k) = stable_key {
             t.ids.insert(k, ino);
         }
-        let dir = (kind == libc::S_IFDIR).then(|| {
-            Box::new(DirPart {
-                stack: r.stack.clone(),
-                path: layers::join(lock(&parent.state).path(), name),
+        let dir = (kind == libc::S_IFDIR).then(|| DirPart {
+            stack: r.stack.clone(),
+        });
+        let rare = (dir.is_some() || upper_key.is_some()).then(|| {
+            Box::new(Rare {
+                dir,
+                upper_id: upper_key,
+                ..Default::default()
             })
         });
         let inode = Arc::new(Inode::new(
@@ -426,17 +486,11 @@ impl Union {
             kind,
             InodeState {
                 layer: r.layer,
-                dir,
-                rare: upper_key.map(|k| {
-                    Box::new(Rare {
-                        upper_id: Some(k),
-                        ..Default::default()
-                    })
-                }),
+                rare,
                 ..Default::default()
             },
         ));
-        t.map.insert(ino, inode.clone());
+        t.insert(inode.clone());
         t.add_name(&inode, parent.ino, name);
         if let Some(k) = upper_key {
             t.upper_ids.insert(k, ino);
@@ -451,12 +505,10 @@ impl Union {
         let mut t = wlock(&self.table);
         let (names, upper_id) = {
             let st = lock(&inode.state);
-            (st.names.clone(), st.upper_id())
+            (st.names(), st.upper_id())
         };
-        for k in names {
-            if t.names.get(&k) == Some(&inode.ino) {
-                t.names.remove(&k);
-            }
+        for (p, n) in names {
+            t.unindex_name(p, &n, inode.ino);
         }
         if let Some(k) = upper_id {
             if t.upper_ids.get(&k) == Some(&inode.ino) {
@@ -487,10 +539,18 @@ impl Union {
         let mut t = wlock(&self.table);
         if inode.nlookup.load(Ordering::SeqCst) == 0 {
             t.remove(ino);
+            t.shrink_if_sparse();
             drop(t);
             let mut layers = lock(&inode.state).stack().to_vec();
             layers.push(0);
             self.fds.remove(ino, &layers);
+            drop(inode);
+            // After a storm of FORGETs (the kernel reclaiming its caches), hand the freed
+            // inodes' memory back to the system: glibc keeps freed memory below the top of
+            // its heaps otherwise.
+            if self.freed.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY == TRIM_EVERY - 1 {
+                trim_heap();
+            }
         }
     }
 
@@ -509,17 +569,48 @@ impl Union {
         if lock(&inode.state).layer == 0 {
             return Ok(());
         }
+        // The parents not yet in the upper, nearest first: an explicit stack, not call
+        // recursion (container trees can be thousands of levels deep).
+        let mut chain: Vec<Arc<Inode>> = Vec::new();
+        let mut cur = lock(&inode.state).first_name().map(|(p, _)| p);
+        while let Some(p) = cur {
+            let parent = self.inode(p)?;
+            let (layer, next) = {
+                let st = lock(&parent.state);
+                (st.layer, st.first_name().map(|(p, _)| p))
+            };
+            if layer == 0 {
+                break;
+            }
+            chain.push(parent);
+            cur = next;
+        }
+        for parent in chain.iter().rev() {
+            self.copy_up_one(parent, true)?;
+        }
+        self.copy_up_one(inode, with_data)
+    }
+
+    /// Copies one object up; its parent is in the upper already.
+    fn copy_up_one(&self, inode: &Arc<Inode>, with_data: bool) -> io::Result<()> {
+        if lock(&inode.state).layer == 0 {
+            return Ok(());
+        }
         let _g = lock(&inode.backing);
         let (layer, name) = {
             let st = lock(&inode.state);
-            (st.layer, st.names.first().cloned())
+            (st.layer, st.first_name())
         };
         if layer == 0 {
             return Ok(());
         }
         let (p, name) = name.ok_or_else(|| errno(libc::ENOENT))?;
         let parent = self.inode(p)?;
-        self.copy_up(&parent, true)?;
+        if lock(&parent.state).layer != 0 {
+            // Moved under another lower directory since the chain was taken (a race): copy
+            // that parent up as well.
+            self.copy_up(&parent, true)?;
+        }
         let up = self.dir_fd(&parent, 0)?;
         let src = self.dir_fd(&parent, layer)?;
         let cname = sys::cstr(&name)?;
@@ -540,11 +631,9 @@ impl Union {
             if !inode.is_dir() && st.st_nlink > 1 {
                 // Copy-up breaks a lower hard link (overlayfs index=off): the other names stay
                 // with the lower file and get their own node id at their next lookup.
-                let others: Vec<(u64, Name)> = lock(&inode.state).names.split_off(1);
+                let others: Vec<(u64, Name)> = lock(&inode.state).take_other_names();
                 for (p, n) in others {
-                    if t.names.get(&(p, n.clone())) == Some(&inode.ino) {
-                        t.names.remove(&(p, n));
-                    }
+                    t.unindex_name(p, &n, inode.ino);
                 }
                 if t.ids.get(&(st.st_dev, st.st_ino)) == Some(&inode.ino) {
                     t.ids.remove(&(st.st_dev, st.st_ino));
@@ -780,7 +869,7 @@ impl Union {
         if let Some(i) = rlock(&self.table).by_name(parent.ino, name) {
             let open =
                 i.opens.load(Ordering::SeqCst) > 0 || self.orphan_always.load(Ordering::Relaxed);
-            if open && !i.is_dir() && lock(&i.state).names.len() == 1 {
+            if open && !i.is_dir() && lock(&i.state).name_count() == 1 {
                 let pfd = self.dir_fd(parent, layer)?;
                 if let Ok(fd) = sys::openat(pfd.as_raw_fd(), cname, libc::O_PATH, 0) {
                     lock(&i.state).rare_mut().orphan = Some(Arc::new(fd));
@@ -859,7 +948,7 @@ impl Union {
                 s.rare_mut().dead = true;
                 let mut st = r.st;
                 st.st_nlink = 0;
-                s.rare_mut().dead_attr = Some(st);
+                s.rare_mut().dead_attr = Some(Box::new(st));
                 s.stack().to_vec()
             };
             layers.push(0);
@@ -957,8 +1046,6 @@ impl Union {
                 t.add_name(src_inode, newparent.ino, newname);
                 t.add_name(&dst_inode, parent.ino, name);
                 drop(t);
-                self.moved_dir(src_inode, newparent, newname);
-                self.moved_dir(&dst_inode, parent, name);
                 Ok(())
             })();
             self.forget(dst_inode.ino, 1);
@@ -1048,39 +1135,7 @@ impl Union {
         t.remove_name(parent.ino, name);
         t.add_name(src_inode, newparent.ino, newname);
         drop(t);
-        self.moved_dir(src_inode, newparent, newname);
         Ok(())
-    }
-
-    /// After a directory moved, rewrites its path and its descendants' paths.
-    fn moved_dir(&self, inode: &Inode, newparent: &Inode, newname: &OsStr) {
-        if !inode.is_dir() {
-            return;
-        }
-        let newpath = layers::join(lock(&newparent.state).path(), newname);
-        let oldpath = std::mem::replace(&mut lock(&inode.state).dir_mut().path, newpath.clone());
-        if oldpath == newpath {
-            return;
-        }
-        let prefix = {
-            let mut p = std::os::unix::ffi::OsStrExt::as_bytes(oldpath.as_os_str()).to_vec();
-            p.push(b'/');
-            p
-        };
-        let t = rlock(&self.table);
-        for other in t.map.values() {
-            if !other.is_dir() || other.ino == inode.ino {
-                continue;
-            }
-            let mut s = lock(&other.state);
-            let b = std::os::unix::ffi::OsStrExt::as_bytes(s.path());
-            if let Some(rest) = b.strip_prefix(prefix.as_slice()) {
-                let mut np = std::os::unix::ffi::OsStrExt::as_bytes(newpath.as_os_str()).to_vec();
-                np.push(b'/');
-                np.extend_from_slice(rest);
-                s.dir_mut().path = std::os::unix::ffi::OsStringExt::from_vec(np);
-            }
-        }
     }
 
     /// link(2): hard link `inode` as `newparent/newname` in the upper; returns the new stat.
