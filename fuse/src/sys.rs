@@ -4,7 +4,7 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`), so nothing a container wrote into a
 //! layer (symlinks in particular) can send us outside that layer.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -22,30 +22,6 @@ pub use cachedriver_common::at::{
 /// Makes a C string from a name; a NUL byte inside is EINVAL.
 pub fn cstr(name: &OsStr) -> io::Result<CString> {
     cachedriver_common::at::cname(name.as_bytes())
-}
-
-/// Opens a directory path below `root` without following any symlink and without leaving `root`.
-#[allow(dead_code)] // the union resolves directories name by name now (no PATH_MAX limit)
-pub fn open_dir_beneath(root: RawFd, path: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: open_how is plain old data.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: valid pointers; size matches the struct.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root,
-            path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Opens a directory read-only for listing, given an O_PATH fd of it.
