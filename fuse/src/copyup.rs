@@ -8,19 +8,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use crate::sys;
 use crate::whiteout;
 
-fn times_of(st: &libc::stat) -> [libc::timespec; 2] {
-    [
-        libc::timespec {
-            tv_sec: st.st_atime,
-            tv_nsec: st.st_atime_nsec,
-        },
-        libc::timespec {
-            tv_sec: st.st_mtime,
-            tv_nsec: st.st_mtime_nsec,
-        },
-    ]
-}
-
 /// Copies user-visible xattrs from `src` to `dst` (paths through /proc/self/fd). Overlay-private
 /// ones are skipped; ones the destination refuses (e.g. `security.*` in a user namespace) too.
 fn copy_xattrs(src: &CStr, dst: &CStr, follow: bool) {
@@ -137,7 +124,7 @@ fn copy_object_inner(
     with_data: bool,
 ) -> io::Result<()> {
     let mode = st.st_mode & 0o7777;
-    let times = times_of(st);
+    let times = cachedriver_common::at::times(st);
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => {
             let src = sys::openat(src_dir, name, libc::O_RDONLY, 0)?;
