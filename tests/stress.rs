@@ -295,7 +295,18 @@ fn stress(backend: &'static str) {
             failures.push(format!("INVARIANT state-consistent: cache {name}: {e}"));
             continue;
         }
-        let files = match common::latest_files(&root, &name) {
+        // The plugin's maintenance worker may compact and collect while we read: a layer of the
+        // chain read a moment ago can go (GC keeps only what the state and live sessions name,
+        // and this check is neither), so a failed read is retried on a fresh state.
+        let mut read = common::latest_files(&root, &name);
+        for _ in 0..5 {
+            if read.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            read = common::latest_files(&root, &name);
+        }
+        let files = match read {
             Ok(v) => v,
             Err(e) => {
                 failures.push(format!("INVARIANT snapshot-mounts: cache {name}: {e}"));
