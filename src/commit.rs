@@ -103,6 +103,41 @@ fn load_state(store: &Store, cache: &str) -> Result<CacheState> {
     })
 }
 
+/// Where a session's new layer goes: its volume's scope, on that scope's latest (`merge`) or on
+/// the session's base (`replace`).
+struct Target {
+    opts: crate::names::VolumeOptions,
+    parent: String,
+    forked_from: Option<String>,
+}
+
+/// The commit target of `session`, shared by a commit and its recovery; the parent must exist.
+fn target(
+    store: &Store,
+    rec: &VolumeRecord,
+    session: &Session,
+    state: &CacheState,
+    mode: CommitMode,
+) -> Result<Target> {
+    let opts = crate::names::VolumeOptions::parse(&rec.options).unwrap_or_default();
+    let parent = match (mode, state.scope_latest(opts.scope())) {
+        (CommitMode::Merge, Some(latest)) => latest.to_string(),
+        _ => session.base.clone(),
+    };
+    let forked_from = crate::scope::forked_from(state, &opts, &session.base);
+    if !store.layer_dir(&rec.cache, &parent).is_dir() {
+        return Err(Error::Corrupt(format!(
+            "cache {:?}: parent layer {parent:?} of the commit is missing",
+            rec.cache
+        )));
+    }
+    Ok(Target {
+        opts,
+        parent,
+        forked_from,
+    })
+}
+
 /// Commits (or discards) the ended session of `rec` (`rec.session` must be set). The caller
 /// holds the cache lock and has unmounted the view; it clears the session afterwards. Before the
 /// rename, `rec` is saved naming the new layer in `session.committing`.
@@ -131,20 +166,12 @@ pub fn commit(store: &Store, rec: &mut VolumeRecord, mode: CommitMode) -> Result
         Outcome::Empty
     } else {
         let mut state = load_state(store, &rec.cache)?;
-        // Commits go into the volume's scope only; `merge` lands on that scope's latest.
-        let opts = crate::names::VolumeOptions::parse(&rec.options).unwrap_or_default();
+        let Target {
+            opts,
+            parent,
+            forked_from,
+        } = target(store, rec, &session, &state, mode)?;
         let scope = opts.scope();
-        let parent = match (mode, state.scope_latest(scope)) {
-            (CommitMode::Merge, Some(latest)) => latest.to_string(),
-            _ => session.base.clone(),
-        };
-        let forked_from = crate::scope::forked_from(&state, &opts, &session.base);
-        if !store.layer_dir(&rec.cache, &parent).is_dir() {
-            return Err(Error::Corrupt(format!(
-                "cache {:?}: parent layer {parent:?} is missing",
-                rec.cache
-            )));
-        }
         if mode == CommitMode::Merge {
             carry_latest_root_attrs(store, &rec.cache, &upper, &session, &parent)?;
         }
@@ -241,19 +268,12 @@ pub fn finish(store: &Store, rec: &mut VolumeRecord, mode: CommitMode) -> Result
         remove_tree(&store.work_dir(&rec.cache, &rec.id))?;
         return Ok(Some(Outcome::Empty));
     }
-    let opts = crate::names::VolumeOptions::parse(&rec.options).unwrap_or_default();
+    let Target {
+        opts,
+        parent,
+        forked_from,
+    } = target(store, rec, &session, &state, mode)?;
     let scope = opts.scope();
-    let parent = match (mode, state.scope_latest(scope)) {
-        (CommitMode::Merge, Some(latest)) => latest.to_string(),
-        _ => session.base.clone(),
-    };
-    let forked_from = crate::scope::forked_from(&state, &opts, &session.base);
-    if !store.layer_dir(&rec.cache, &parent).is_dir() {
-        return Err(Error::Corrupt(format!(
-            "cache {:?}: parent layer {parent:?} of the interrupted commit is missing",
-            rec.cache
-        )));
-    }
     crate::failpoint!("recovery::before_state");
     state.push_layer_in(scope, forked_from.as_deref(), &layer, &parent, &rec.name);
     store.save_state(&rec.cache, &state)?;
