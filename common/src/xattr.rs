@@ -21,6 +21,17 @@ pub enum XattrNs {
     User,
 }
 
+/// True for overlay-private xattrs (`trusted.overlay.*`, `user.overlay.*`): markers of the
+/// layer format, never shown to or copied for a container.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
+
+/// The names in a `listxattr` result (NUL-separated), empty ones skipped.
+pub fn xattr_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list.split(|b| *b == 0).filter(|n| !n.is_empty())
+}
+
 /// Both opaque xattr names, read in every layer whatever namespace we write.
 pub const OPAQUE_XATTRS: [&CStr; 2] = [c"trusted.overlay.opaque", c"user.overlay.opaque"];
 
@@ -76,6 +87,14 @@ pub fn has_opaque_xattr(fd: RawFd) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listxattr_results_split_into_names() {
+        let names: Vec<&[u8]> = xattr_names(b"user.a\0\0trusted.overlay.opaque\0").collect();
+        assert_eq!(names, [&b"user.a"[..], b"trusted.overlay.opaque"]);
+        assert_eq!(xattr_names(b"").count(), 0);
+        assert!(is_private_xattr(names[1]) && !is_private_xattr(names[0]));
+    }
 
     #[test]
     fn names_round_trip() {

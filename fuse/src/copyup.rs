@@ -15,7 +15,7 @@ fn copy_xattrs(src: &CStr, dst: &CStr, follow: bool) {
         Ok(l) => l,
         Err(_) => return,
     };
-    for name in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in cachedriver_common::xattr::xattr_names(&list) {
         if whiteout::is_private_xattr(name) {
             continue;
         }

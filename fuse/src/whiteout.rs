@@ -46,15 +46,12 @@ pub fn wh_name(name: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Whether an xattr name is overlayfs-private (hidden from and refused to users).
-pub fn is_private_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
-}
+pub use cachedriver_common::xattr::is_private_xattr;
 
 /// Removes overlay-private names from a NUL-separated xattr name list.
 pub fn filter_xattr_list(list: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(list.len());
-    for name in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in cachedriver_common::xattr::xattr_names(list) {
         if !is_private_xattr(name) {
             out.extend_from_slice(name);
             out.push(0);

@@ -19,8 +19,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use cachedriver_common::at::{self, XattrTarget};
-use cachedriver_common::xattr::has_opaque_xattr;
-use cachedriver_fuse::whiteout::{is_private_xattr, whiteout_target, OPAQUE_FILE, WH_PREFIX};
+use cachedriver_common::xattr::{has_opaque_xattr, is_private_xattr, xattr_names};
+use cachedriver_fuse::whiteout::{whiteout_target, OPAQUE_FILE, WH_PREFIX};
 
 use crate::error::{Error, Result};
 
@@ -434,7 +434,7 @@ fn copy_xattrs(
     dst: &XattrTarget<'_>,
 ) -> std::result::Result<(), (bool, io::Error)> {
     let list = src.list().map_err(|e| (true, e))?;
-    for x in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for x in xattr_names(&list) {
         if is_private_xattr(x) {
             continue;
         }

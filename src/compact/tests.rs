@@ -101,9 +101,7 @@ fn set_xattr(p: &Path, name: &str, v: &[u8]) {
 fn xattrs(p: &Path) -> Vec<String> {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let buf = at::listxattr(&c, false).unwrap();
-    let mut v: Vec<String> = buf
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
+    let mut v: Vec<String> = cachedriver_common::xattr::xattr_names(&buf)
         .map(|n| String::from_utf8_lossy(n).into_owned())
         .collect();
     v.sort();

@@ -22,8 +22,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use cachedriver_common::at::{self, XattrTarget};
-use cachedriver_common::xattr::has_opaque_xattr;
-use cachedriver_fuse::whiteout::{is_private_xattr, is_whiteout, OPAQUE_FILE, WH_PREFIX};
+use cachedriver_common::xattr::{has_opaque_xattr, is_private_xattr, xattr_names};
+use cachedriver_fuse::whiteout::{is_whiteout, OPAQUE_FILE, WH_PREFIX};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -164,7 +164,7 @@ fn os_path(b: &[u8]) -> &Path {
 fn user_xattrs(t: &XattrTarget<'_>) -> io::Result<Vec<(String, Vec<u8>)>> {
     let list = t.list()?;
     let mut out = Vec::new();
-    for name in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in xattr_names(&list) {
         if !name.starts_with(b"user.") || is_private_xattr(name) {
             continue;
         }

@@ -31,9 +31,7 @@ pub fn getxattr(p: impl AsRef<Path>, name: &str) -> io::Result<Vec<u8>> {
 /// The names set, sorted.
 pub fn listxattr(p: impl AsRef<Path>) -> io::Result<Vec<String>> {
     let raw = at::listxattr(&cpath(p.as_ref()), false)?;
-    let mut names: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
+    let mut names: Vec<String> = cachedriver_common::xattr::xattr_names(&raw)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
     names.sort();
