@@ -138,13 +138,18 @@ impl Driver {
         }
     }
 
-    /// True while `name` was mounted by this process within the orphan grace period.
-    pub(crate) fn recently_mounted(&self, name: &str) -> bool {
+    /// How long ago this process last mounted `name`, if it did.
+    fn mounted_ago(&self, name: &str) -> Option<Duration> {
         self.last_mount
             .lock()
             .ok()
-            .and_then(|m| m.get(name).copied())
-            .is_some_and(|t| t.elapsed() < self.orphan_grace)
+            .and_then(|m| m.get(name).map(|t| t.elapsed()))
+    }
+
+    /// True while `name` was mounted by this process within the orphan grace period.
+    pub(crate) fn recently_mounted(&self, name: &str) -> bool {
+        self.mounted_ago(name)
+            .is_some_and(|a| a < self.orphan_grace)
     }
 
     /// [`Driver::recently_mounted`], and for a session mounted before this process started
@@ -152,18 +157,9 @@ impl Driver {
     /// Mount reply and the engine's bind mount must not end that session at startup or in the
     /// first sweep.
     pub(crate) fn within_orphan_grace(&self, name: &str) -> bool {
-        let seen = self
-            .last_mount
-            .lock()
-            .ok()
-            .and_then(|m| m.get(name).copied());
-        match seen {
-            Some(t) => t.elapsed() < self.orphan_grace,
-            None => self
-                .store
-                .volume_saved_ago(name)
-                .is_some_and(|ago| ago < self.orphan_grace),
-        }
+        self.mounted_ago(name)
+            .or_else(|| self.store.volume_saved_ago(name))
+            .is_some_and(|a| a < self.orphan_grace)
     }
 
     fn counted_before_activate(&self, name: &str, id: &str) -> bool {
