@@ -476,7 +476,17 @@ fn crash_mid_commit(fx: &Fixture, name: &str, renamed: bool, named: bool) -> Str
     let mut rec = fx.record(name);
     let s = rec.session.clone().unwrap();
     let merged = fx.root().join("merged").join(&rec.cache).join(&rec.id);
-    nix::mount::umount2(&merged, nix::mount::MntFlags::empty()).unwrap();
+    // Other tests of this binary run in parallel and fork processes (namespaces, holders) that
+    // may briefly pin the view: retry EBUSY as the plugin's own unmount does.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match nix::mount::umount2(&merged, nix::mount::MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            r => break r.unwrap(),
+        }
+    }
     if let Some(pid) = s.pid {
         let deadline = Instant::now() + Duration::from_secs(5);
         while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
