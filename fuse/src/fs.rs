@@ -29,7 +29,7 @@ use crate::whiteout;
 
 mod iomode;
 mod mapread;
-use iomode::FILE_FDS;
+use iomode::FILE_FD_BUDGET;
 pub use mapread::spawn_readahead_tuning;
 
 /// Key of a directory's own listing in `UnionFs::dirs` when the kernel sends no OPENDIR
@@ -167,7 +167,7 @@ impl UnionFs {
             no_opendir: AtomicBool::new(false),
             prefetch: Prefetch::default(),
             no_open: false,
-            files: DirFdCache::new(FILE_FDS),
+            files: DirFdCache::with_budget(FILE_FD_BUDGET, usize::MAX),
             maps: mapread::MapCache::default(),
         }
     }

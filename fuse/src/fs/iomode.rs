@@ -15,9 +15,10 @@ use crate::inode::{lock, rlock, wlock, Backing, Inode};
 use crate::options::Passthrough;
 use crate::sys::{self, errno};
 
-/// How many fds no-open mode keeps for I/O (a few per worker: each is one file being read or
-/// written right now; the next request for an evicted one re-opens it).
-pub(super) const FILE_FDS: usize = 64;
+/// Memory the fds no-open mode keeps for I/O may hold, at `FD_COST` an fd: 128 KiB (64 fds, a
+/// few per worker: each is one file being read or written right now; the next request for an
+/// evicted one re-opens it).
+pub(super) const FILE_FD_BUDGET: usize = 64 * crate::inode::FD_COST;
 
 /// Largest file whose content `prefill` pushes at open.
 const PREFILL_MAX: usize = 64 * 1024;

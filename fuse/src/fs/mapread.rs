@@ -33,13 +33,17 @@ const MAP_SIZE: u32 = 256 * 1024;
 /// INIT): fewer, larger READs of a large file, each answered from a mapping with one copy.
 const READ_AHEAD_KB: u32 = 1024;
 
-/// Most mappings kept (address space only; each unmapped when evicted or forgotten).
-const MAPS: usize = 16;
-
 /// After this many bytes served from a mapping, its page-table entries are dropped again, so
 /// the daemon's resident size (which counts mapped file pages) stays small. The page cache
 /// keeps the pages; a later read just maps them again.
 const ZAP_EVERY: u64 = 4 << 20;
+
+/// Memory the mappings may hold: each keeps at most `ZAP_EVERY` of file pages resident (plus a
+/// VMA and a file reference, a few hundred bytes), so 16 MiB allows four mappings, the least
+/// recently used unmapped first (one per large file being read right now; an evicted one is
+/// mapped again by its next read, a few microseconds).
+const MAP_BUDGET: u64 = 16 << 20;
+const MAPS: usize = (MAP_BUDGET / ZAP_EVERY) as usize;
 
 /// A read-only shared mapping of a whole lower file.
 pub(super) struct Mapping {
