@@ -310,17 +310,30 @@ pub struct Table {
     /// Upper (dev, ino) → node id, so hard links in the upper share one inode.
     pub upper_ids: HashMap<(u64, u64), u64>,
     /// Real (dev, ino) → node id, kept after forget so that st_ino stays stable for the life of
-    /// the mount (a few dozen bytes per object ever seen; the inodes themselves are freed).
+    /// the mount (`ID_COST` per object seen; the inodes themselves are freed), up to
+    /// `IDS_BUDGET`: see `remember_identity`.
     pub ids: HashMap<(u64, u64), u64>,
+    /// Entry count past which `remember_identity` drops the identities of forgotten objects.
+    ids_limit: usize,
     /// Next node id to hand out (never reused).
     pub next: u64,
 }
+
+/// What one remembered identity costs: a 24-byte slot, its control byte and the table's spare
+/// room (at most 1/8 empty before growing, up to half after).
+pub const ID_COST: usize = 32;
+
+/// Memory the identities of forgotten objects may hold: 32 MiB, about a million objects, more
+/// than a build cache's walk sees; past it they are dropped (those objects get a new st_ino at
+/// their next lookup, as on a remount), never the identities of live inodes.
+pub const IDS_BUDGET: usize = 32 << 20;
 
 impl Table {
     /// A table holding only the root.
     pub fn new(root: Inode) -> Table {
         let mut t = Table {
             next: 2,
+            ids_limit: IDS_BUDGET / ID_COST,
             ..Default::default()
         };
         t.insert(Arc::new(root));
@@ -431,6 +444,26 @@ impl Table {
         let h = self.name_hash(parent, name);
         self.names
             .insert_unique(spread(h), NameSlot::new(h, ino), |s| spread(s.h));
+    }
+
+    /// Remembers that real object `key` is node `ino`. Past `ids_limit` entries, drops the
+    /// identities of objects the kernel has forgotten (a rescan that then waits until the map
+    /// doubles, so its cost is amortised even if most entries are live).
+    pub fn remember_identity(&mut self, key: (u64, u64), ino: u64) {
+        self.ids.insert(key, ino);
+        if self.ids.len() <= self.ids_limit {
+            return;
+        }
+        let floor = self.ids_limit;
+        let live = &self.map;
+        self.ids
+            .retain(|_, i| live.find(ino_hash(*i), |x| x.ino == *i).is_some());
+        self.ids.shrink_to_fit();
+        self.ids_limit = floor.max(self.ids.len() * 2);
+        tracing::debug!(
+            "identity map over budget: kept {} live entries",
+            self.ids.len()
+        );
     }
 
     /// Forgets the identity of a removed upper object (its inode number may be reused by the
@@ -596,6 +629,42 @@ mod tests {
         assert_eq!(st.name_count(), 1);
         st.remove_name(1, OsStr::new("a"));
         assert_eq!(st.name_count(), 0);
+    }
+
+    #[test]
+    fn identities_of_forgotten_objects_are_dropped_past_the_budget_never_live_ones() {
+        let mut t = Table::new(Inode::new(1, libc::S_IFDIR, InodeState::default()));
+        assert_eq!(t.ids_limit, IDS_BUDGET / ID_COST);
+        t.ids_limit = 8;
+        // Three live objects, then forgotten ones until the map passes its limit.
+        for ino in 2..5u64 {
+            t.insert(Arc::new(Inode::new(
+                ino,
+                libc::S_IFREG,
+                InodeState::default(),
+            )));
+            t.remember_identity((1, ino), ino);
+        }
+        for ino in 5..10u64 {
+            t.remember_identity((1, ino), ino);
+        }
+        assert_eq!(t.ids.len(), 8, "at the limit nothing is dropped");
+        t.remember_identity((1, 10), 10);
+        let mut kept: Vec<u64> = t.ids.values().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![2, 3, 4], "only the live inodes' identities stay");
+        assert_eq!(t.ids_limit, 8);
+        // Mostly live: the next rescan waits until the map doubles.
+        for ino in 11..30u64 {
+            t.insert(Arc::new(Inode::new(
+                ino,
+                libc::S_IFREG,
+                InodeState::default(),
+            )));
+            t.remember_identity((1, ino), ino);
+        }
+        assert_eq!(t.ids.len(), 22);
+        assert!(t.ids_limit >= 22);
     }
 
     #[test]

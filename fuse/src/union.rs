@@ -469,7 +469,7 @@ impl Union {
             }
         };
         if let Some(k) = stable_key {
-            t.ids.insert(k, ino);
+            t.remember_identity(k, ino);
         }
         let dir = (kind == libc::S_IFDIR).then(|| DirPart {
             stack: r.stack.clone(),
@@ -626,7 +626,7 @@ impl Union {
         {
             let mut t = wlock(&self.table);
             if let Ok(ust) = sys::fstatat(up.as_raw_fd(), &cname) {
-                t.ids.insert((ust.st_dev, ust.st_ino), inode.ino);
+                t.remember_identity((ust.st_dev, ust.st_ino), inode.ino);
             }
             if !inode.is_dir() && st.st_nlink > 1 {
                 // Copy-up breaks a lower hard link (overlayfs index=off): the other names stay
