@@ -163,6 +163,9 @@ fn main() {
             media_type: "application/octet-stream".into(),
             ..Default::default()
         };
+        // Each timed phase starts quiescent: no writeback of the previous one's gigabyte may
+        // land in it (that alone moved the pull between 1.5x and 3x of the raw download).
+        nix::unistd::sync();
         let t = Instant::now();
         let f = tokio::fs::File::create(s.join("raw.down"))
             .await
@@ -172,10 +175,12 @@ fn main() {
     });
     drop(blob);
 
+    nix::unistd::sync();
     let t = Instant::now();
     let p = remote::push(&a, "bench", &repo, &access).expect("push");
     let push = t.elapsed();
     let b = Store::open(s.join("b")).expect("store b");
+    nix::unistd::sync();
     let t = Instant::now();
     let q = remote::pull(&b, &repo, "bench", &access).expect("pull");
     let pull = t.elapsed();
