@@ -890,10 +890,10 @@ impl Union {
         self.copy_up(parent, true)?;
         let up = self.dir_fd(parent, 0)?;
         let cname = sys::cstr(name)?;
-        let need_wh = self.lower_has(parent, &cname)?;
         self.keep_orphan(parent, name, &cname, r.layer)?;
         if self.layers.is_upper(r.layer) {
-            if need_wh {
+            // Only an upper object can hide nothing below it; a lower one always needs a whiteout.
+            if self.lower_has(parent, &cname)? {
                 self.replace_with_whiteout(up.as_raw_fd(), &cname)?;
             } else {
                 sys::unlinkat(up.as_raw_fd(), &cname, 0)?;
@@ -924,10 +924,9 @@ impl Union {
         self.copy_up(parent, true)?;
         let up = self.dir_fd(parent, 0)?;
         let up = up.as_raw_fd();
-        let need_wh = self.lower_has(parent, &cname)?;
         if self.layers.is_upper(r.layer) {
             self.clear_upper_dir(up, &cname)?;
-            if need_wh {
+            if self.lower_has(parent, &cname)? {
                 self.replace_with_whiteout(up, &cname)?;
             } else {
                 sys::unlinkat(up, &cname, libc::AT_REMOVEDIR)?;
