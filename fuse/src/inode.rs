@@ -454,12 +454,11 @@ impl Table {
         if self.ids.len() <= self.ids_limit {
             return;
         }
-        let floor = self.ids_limit;
-        let live = &self.map;
-        self.ids
-            .retain(|_, i| live.find(ino_hash(*i), |x| x.ino == *i).is_some());
-        self.ids.shrink_to_fit();
-        self.ids_limit = floor.max(self.ids.len() * 2);
+        let mut ids = std::mem::take(&mut self.ids);
+        ids.retain(|_, i| self.contains(*i));
+        ids.shrink_to_fit();
+        self.ids_limit = self.ids_limit.max(ids.len() * 2);
+        self.ids = ids;
         tracing::debug!(
             "identity map over budget: kept {} live entries",
             self.ids.len()
@@ -636,14 +635,17 @@ mod tests {
         let mut t = Table::new(Inode::new(1, libc::S_IFDIR, InodeState::default()));
         assert_eq!(t.ids_limit, IDS_BUDGET / ID_COST);
         t.ids_limit = 8;
-        // Three live objects, then forgotten ones until the map passes its limit.
-        for ino in 2..5u64 {
+        let remember_live = |t: &mut Table, ino: u64| {
             t.insert(Arc::new(Inode::new(
                 ino,
                 libc::S_IFREG,
                 InodeState::default(),
             )));
             t.remember_identity((1, ino), ino);
+        };
+        // Three live objects, then forgotten ones until the map passes its limit.
+        for ino in 2..5u64 {
+            remember_live(&mut t, ino);
         }
         for ino in 5..10u64 {
             t.remember_identity((1, ino), ino);
@@ -656,12 +658,7 @@ mod tests {
         assert_eq!(t.ids_limit, 8);
         // Mostly live: the next rescan waits until the map doubles.
         for ino in 11..30u64 {
-            t.insert(Arc::new(Inode::new(
-                ino,
-                libc::S_IFREG,
-                InodeState::default(),
-            )));
-            t.remember_identity((1, ino), ino);
+            remember_live(&mut t, ino);
         }
         assert_eq!(t.ids.len(), 22);
         assert!(t.ids_limit >= 22);

@@ -892,7 +892,8 @@ impl Union {
         let cname = sys::cstr(name)?;
         self.keep_orphan(parent, name, &cname, r.layer)?;
         if self.layers.is_upper(r.layer) {
-            // Only an upper object can hide nothing below it; a lower one always needs a whiteout.
+            // An upper object needs a whiteout only if a lower layer has the name too (a lower
+            // object always does: the `else` below).
             if self.lower_has(parent, &cname)? {
                 self.replace_with_whiteout(up.as_raw_fd(), &cname)?;
             } else {
